@@ -1,0 +1,134 @@
+"""Build a simulation from a resolved config. Every check runs here, before
+the simulation starts, so a bad config fails at start-up with one line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import simpy
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sim.backend import SimBackend
+from sim.cost_model import CostModel
+from sim.driver import SimDriver
+from sim.hardware import Machine
+from sim.workload import Workload, WorkloadConfig
+from wicore.engine import Engine
+from wicore.errors import ConfigError
+from wicore.hal import HardwareSpec, hardware_from_config
+from wicore.memory.page_pool import PagePool
+from wicore.memory.placement import MemoryConfig, StaticPlacement
+from wicore.metrics import SLO, Recorder
+from wicore.model.spec import ModelSpec
+from wicore.scheduler.scheduler import Scheduler
+
+
+@dataclass
+class Parallel:
+    replicas: int
+    tp: int
+    pp: int
+
+    def describe(self) -> str:
+        return f"{self.replicas}x(tp{self.tp},pp{self.pp})"
+
+
+@dataclass
+class SimSetup:
+    env: simpy.Environment
+    driver: SimDriver
+    engines: list[Engine]
+    recorder: Recorder
+    hw: HardwareSpec
+    model: ModelSpec
+    parallel: Parallel
+    cost: CostModel
+    placements: list[StaticPlacement]
+    workload: Workload
+    slo: SLO
+    max_num_seqs: int
+
+
+def plain(node: Any) -> dict[str, Any]:
+    if isinstance(node, DictConfig):
+        out = OmegaConf.to_container(node, resolve=True)
+        assert isinstance(out, dict)
+        return out  # type: ignore[return-value]
+    return dict(node)
+
+
+def resolve_model(cfg: Any, hw: HardwareSpec) -> ModelSpec:
+    data = plain(cfg)
+    if data.get("dtype", "auto") == "auto":
+        data["dtype"] = "bf16" if hw.gpu.supports_bf16 else "fp16"
+    return ModelSpec.from_config(data)
+
+
+def resolve_parallel(cfg: Any, hw: HardwareSpec) -> Parallel:
+    replicas = int(cfg.get("replicas", 1))
+    pp = int(cfg.get("pp", 1))
+    tp = cfg.get("tp")
+    if replicas < 1 or pp < 1:
+        raise ConfigError(f"parallel: replicas and pp must be >= 1, got replicas={replicas} pp={pp}")
+    if tp is None:
+        if hw.num_gpus % (replicas * pp):
+            raise ConfigError(f"parallel: {hw.num_gpus} GPUs cannot be split into replicas={replicas} x pp={pp}")
+        tp = hw.num_gpus // (replicas * pp)
+    tp = int(tp)
+    if replicas * tp * pp != hw.num_gpus:
+        raise ConfigError(f"parallel: replicas*tp*pp = {replicas}*{tp}*{pp} must equal hardware.num_gpus="
+                          f"{hw.num_gpus}")
+    return Parallel(replicas, tp, pp)
+
+
+def pick(table: Any, name: str, field: str) -> Any:
+    """Instantiate entry ``name`` of a ``{name: {_target_: ...}}`` table."""
+    if name not in table:
+        raise ConfigError(f"{field}: unknown '{name}', use one of {sorted(table)}")
+    return instantiate(table[name])
+
+
+def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
+    hw = hardware_from_config(plain(cfg.hardware))
+    model = resolve_model(cfg.model, hw)
+    par = resolve_parallel(cfg.parallel, hw)
+    mem = MemoryConfig(**{k: v for k, v in plain(cfg.memory).items() if k in MemoryConfig.__dataclass_fields__})
+    sc = cfg.scheduler
+    wl_cfg = WorkloadConfig.from_config(plain(cfg.workload))
+    workload = Workload(wl_cfg)
+    if wl_cfg.kind != "trace":
+        longest = wl_cfg.prompt.upper_bound() + wl_cfg.output.upper_bound()
+        if longest > model.max_context:
+            raise ConfigError(f"workload: prompt + output can reach {longest} tokens, more than the model's "
+                              f"context model.max_context={model.max_context}; lower workload.prompt/output")
+    slo = SLO(**plain(cfg.slo))
+    env = simpy.Environment()
+    machine = Machine(env, hw, record=bool(cfg.backend.get("record_links", False)))
+    cost = CostModel(model, hw, tp=par.tp, pp=par.pp, kernels_per_layer=int(cfg.backend.kernels_per_layer))
+    recorder = Recorder()
+    engines, backends, placements = [], [], []
+    per = par.tp * par.pp
+    for r in range(par.replicas):
+        gpus = list(range(r * per, (r + 1) * per))
+        placement = StaticPlacement(model, hw, gpus, par.tp, par.pp, mem, name=f"replica{r}")
+        if placement.num_pages < 1:
+            raise ConfigError("memory: no room for a single KV page; raise memory.kv_min_gib or "
+                              "memory.gpu_memory_utilization")
+        pool = PagePool(placement.num_pages, placement.page_tokens, placement.page_bytes)
+        swap = PagePool(placement.host_swap_pages, placement.page_tokens, placement.page_bytes, "swap")
+        scheduler = Scheduler(
+            batching=pick(sc.batching_policies, sc.batching, "scheduler.batching"),
+            queue=pick(sc.queue_policies, sc.queue, "scheduler.queue"),
+            pool=pool, max_num_seqs=int(sc.max_num_seqs), max_batched_tokens=int(sc.max_batched_tokens),
+            max_context=model.max_context, preemption=str(sc.preemption), swap_pool=swap)
+        engines.append(Engine(scheduler, placement, recorder, replica=r))
+        backends.append(SimBackend(env, machine, cost, gpus, record_ops=bool(cfg.backend.record_ops)))
+        placements.append(placement)
+    balancer = pick(cfg.parallel.balancers, cfg.parallel.balancer, "parallel.balancer")
+    max_time = cfg.get("max_time_s")
+    driver = SimDriver(env, engines, backends, balancer, workload,
+                       max_time_s=float(max_time) if max_time is not None else None, progress=progress)
+    return SimSetup(env, driver, engines, recorder, hw, model, par, cost, placements, workload, slo,
+                    int(sc.max_num_seqs))

@@ -1,0 +1,132 @@
+"""SimBackend: executes a StepPlan as SimPy events on the modelled machine.
+
+A step of one replica:
+
+1. every memory op becomes a flow on the PCIe link of its GPU (host->GPU for
+   fetch / prefetch / swap-in, GPU->host for evict / swap-out; NVMe reads
+   cross the NVMe and the PCIe link), sharing bandwidth with every other
+   flow in the machine (``sim.hardware.FlowNetwork``);
+2. the layers compute in order; a layer whose weights are being streamed
+   starts when its last byte has arrived (bytes arrive in layer order at the
+   rate the link gave the flow), so copies overlap with the compute of the
+   layers before them and the rest shows up as stall time:
+   ``end = max(compute, max_k(ready_k + compute of layers k..L))``;
+3. KV swap-ins must complete before the step computes; swap-outs run
+   alongside it.
+
+``execute`` is a SimPy process body: the sim driver runs it with
+``yield from`` and gets the ``StepResult``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+import simpy
+
+from sim.cost_model import CostModel
+from sim.hardware import Machine
+from wicore.model.spec import ModelSpec
+from wicore.types import MemoryOp, OpTiming, StepPlan, StepResult
+
+UPLOADS = ("fetch", "prefetch", "swap_in")
+
+
+class _Stream:
+    """Precomputed per streamed-weights op: arrival fraction and suffix layer counts."""
+
+    __slots__ = ("frac", "n_local", "n_global")
+
+    def __init__(self, op: MemoryOp, model: ModelSpec) -> None:
+        layers = [b.layer for b in op.blocks]
+        sizes = np.full(len(layers), 1.0)
+        self.frac = np.cumsum(sizes) / sizes.sum()
+        glob = np.array([model.is_global(i) for i in range(model.num_layers)])
+        suffix_g = np.cumsum(glob[::-1])[::-1]
+        suffix_all = np.arange(model.num_layers, 0, -1)
+        idx = np.asarray(layers)
+        self.n_global = suffix_g[idx].astype(float)
+        self.n_local = (suffix_all[idx] - suffix_g[idx]).astype(float)
+
+
+class SimBackend:
+    def __init__(self, env: simpy.Environment, machine: Machine, cost: CostModel, gpus: list[int],
+                 record_ops: bool = True) -> None:
+        self.env = env
+        self.machine = machine
+        self.cost = cost
+        self.gpus = gpus
+        self.record_ops = record_ops
+        self.latency = machine.spec.pcie.latency_us * 1e-6
+        self._streams: dict[int, _Stream] = {}
+
+    def _flow(self, op: MemoryOp) -> simpy.Event:
+        m = self.machine
+        name = f"{op.op} L{op.layer}" if op.layer >= 0 else op.op
+        if op.op in UPLOADS:
+            if op.src == "nvme":
+                return m.nvme_to_gpu(op.device, op.nbytes, name=name)
+            return m.h2d(op.device, op.nbytes, name=name)
+        if op.dst == "nvme":
+            return m.gpu_to_nvme(op.device, op.nbytes, name=name)
+        return m.d2h(op.device, op.nbytes, name=name)
+
+    def execute(self, plan: StepPlan) -> Generator[simpy.Event, Any, StepResult]:
+        env = self.env
+        t0 = float(env.now)
+        cost = self.cost.step(plan.items)
+        compute = cost.compute_s + cost.comm_s
+        result = StepResult(plan.step_id, t0, t0, compute_s=compute, flops=cost.flops,
+                            hbm_bytes=cost.hbm_bytes)
+        ops = plan.memory_ops
+        if not ops:
+            yield env.timeout(compute)
+            result.end = float(env.now)
+            if self.record_ops:
+                result.ops.append(OpTiming("compute", f"gpu{self.gpus[0]}", t0, result.end, 0, cost.flops))
+            return result
+        flows = [(op, self._flow(op)) for op in ops]
+        # swap-ins must land before the step computes
+        swap_in = [ev for op, ev in flows if op.op == "swap_in"]
+        if swap_in:
+            yield env.all_of(swap_in)
+        start = float(env.now)
+        finish = start + compute
+        streams = [(op, ev) for op, ev in flows if op.op == "fetch" and op.blocks]
+        if streams:
+            yield env.all_of([ev for _, ev in streams])
+            cl = cost.local_layer_s + cost.comm_per_layer_s
+            cg = cost.global_layer_s + cost.comm_per_layer_s
+            tail = cost.head_s + cost.pp_transfer_s
+            for op, ev in streams:
+                st = self._streams.get(id(op))
+                if st is None:
+                    st = self._streams[id(op)] = _Stream(op, self.cost.model)
+                rec = ev.value
+                flow_start = rec.start + self.latency
+                ready = flow_start + (rec.end - flow_start) * st.frac
+                finish = max(finish, float(np.max(ready + st.n_local * cl + st.n_global * cg)) + tail)
+        now = float(env.now)
+        if finish > now:
+            yield env.timeout(finish - now)
+        others = [ev for op, ev in flows if op.op != "swap_in" and not (op.op == "fetch" and op.blocks)]
+        if others:  # swap-outs / evictions / prefetches finish before the next step reuses the pages
+            yield env.all_of(others)
+        end = float(env.now)
+        result.end = end
+        result.stall_s = max(0.0, end - t0 - compute)
+        link_bytes = 0
+        busy = 0.0
+        for op, ev in flows:
+            rec = ev.value
+            link_bytes += op.nbytes
+            busy = max(busy, rec.end - rec.start)
+            if self.record_ops:
+                result.ops.append(OpTiming(op.op, f"pcie{op.device}", rec.start, rec.end, op.nbytes))
+        result.link_bytes = link_bytes
+        result.transfer_s = busy
+        if self.record_ops:
+            result.ops.append(OpTiming("compute", f"gpu{self.gpus[0]}", start, start + compute, 0, cost.flops))
+        return result

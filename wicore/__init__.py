@@ -1,0 +1,3 @@
+"""WiCore: simulation-first LLM inference research on memory-constrained, heterogeneous hardware."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Tiered memory: replacement policies, storage formats and access traces."""

@@ -1,0 +1,1 @@
+"""Request scheduling: queues, batching, admission, preemption, load balancing."""
