@@ -124,7 +124,7 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
             pool=pool, max_num_seqs=int(sc.max_num_seqs), max_batched_tokens=int(sc.max_batched_tokens),
             max_context=model.max_context, preemption=str(sc.preemption), swap_pool=swap)
         engines.append(Engine(scheduler, placement, recorder, replica=r))
-        backends.append(SimBackend(env, machine, cost, gpus, record_ops=bool(cfg.backend.record_ops)))
+        backends.append(SimBackend(env, machine, cost, gpus, record_steps=int(cfg.report.trace_steps)))
         placements.append(placement)
     balancer = pick(cfg.parallel.balancers, cfg.parallel.balancer, "parallel.balancer")
     max_time = cfg.get("max_time_s")

@@ -37,29 +37,31 @@ UPLOADS = ("fetch", "prefetch", "swap_in")
 class _Stream:
     """Precomputed per streamed-weights op: arrival fraction and suffix layer counts."""
 
-    __slots__ = ("frac", "n_local", "n_global")
+    __slots__ = ("matrix",)
 
     def __init__(self, op: MemoryOp, model: ModelSpec) -> None:
+        # streamed layers are equal-sized blocks arriving in order: layer k's
+        # last byte is at fraction (k + 1) / n of the flow
         layers = [b.layer for b in op.blocks]
-        sizes = np.full(len(layers), 1.0)
-        self.frac = np.cumsum(sizes) / sizes.sum()
+        frac = np.arange(1, len(layers) + 1) / len(layers)
         glob = np.array([model.is_global(i) for i in range(model.num_layers)])
         suffix_g = np.cumsum(glob[::-1])[::-1]
         suffix_all = np.arange(model.num_layers, 0, -1)
         idx = np.asarray(layers)
-        self.n_global = suffix_g[idx].astype(float)
-        self.n_local = (suffix_all[idx] - suffix_g[idx]).astype(float)
+        n_global = suffix_g[idx].astype(float)
+        n_local = (suffix_all[idx] - suffix_g[idx]).astype(float)
+        # finish_k = flow_start + D * frac_k + n_local_k * c_local + n_global_k * c_global
+        self.matrix = np.stack([frac, n_local, n_global], axis=1)
 
 
 class SimBackend:
     def __init__(self, env: simpy.Environment, machine: Machine, cost: CostModel, gpus: list[int],
-                 record_ops: bool = True) -> None:
+                 record_steps: int = 20000) -> None:
         self.env = env
         self.machine = machine
         self.cost = cost
         self.gpus = gpus
-        self.record_ops = record_ops
-        self.latency = machine.spec.pcie.latency_us * 1e-6
+        self.record_steps = record_steps  # keep op timings of the first N steps (trace.json)
         self._streams: dict[int, _Stream] = {}
 
     def _flow(self, op: MemoryOp) -> simpy.Event:
@@ -81,10 +83,11 @@ class SimBackend:
         result = StepResult(plan.step_id, t0, t0, compute_s=compute, flops=cost.flops,
                             hbm_bytes=cost.hbm_bytes)
         ops = plan.memory_ops
+        record = plan.step_id <= self.record_steps
         if not ops:
             yield env.timeout(compute)
             result.end = float(env.now)
-            if self.record_ops:
+            if record:
                 result.ops.append(OpTiming("compute", f"gpu{self.gpus[0]}", t0, result.end, 0, cost.flops))
             return result
         flows = [(op, self._flow(op)) for op in ops]
@@ -105,9 +108,9 @@ class SimBackend:
                 if st is None:
                     st = self._streams[id(op)] = _Stream(op, self.cost.model)
                 rec = ev.value
-                flow_start = rec.start + self.latency
-                ready = flow_start + (rec.end - flow_start) * st.frac
-                finish = max(finish, float(np.max(ready + st.n_local * cl + st.n_global * cg)) + tail)
+                flow_start = rec.first_byte
+                coef = np.array((rec.end - flow_start, cl, cg))
+                finish = max(finish, flow_start + float((st.matrix @ coef).max()) + tail)
         now = float(env.now)
         if finish > now:
             yield env.timeout(finish - now)
@@ -123,10 +126,10 @@ class SimBackend:
             rec = ev.value
             link_bytes += op.nbytes
             busy = max(busy, rec.end - rec.start)
-            if self.record_ops:
+            if record:
                 result.ops.append(OpTiming(op.op, f"pcie{op.device}", rec.start, rec.end, op.nbytes))
         result.link_bytes = link_bytes
         result.transfer_s = busy
-        if self.record_ops:
+        if record:
             result.ops.append(OpTiming("compute", f"gpu{self.gpus[0]}", start, start + compute, 0, cost.flops))
         return result

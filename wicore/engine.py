@@ -21,6 +21,9 @@ from wicore.scheduler.scheduler import Scheduler
 from wicore.scheduler.sequence import Sequence
 from wicore.types import MemoryOp, Phase, Request, RequestStatus, StepPlan, StepResult
 
+PREFILL = Phase.PREFILL
+RUNNING = RequestStatus.RUNNING
+
 if TYPE_CHECKING:
     from wicore.metrics import Recorder
 
@@ -36,6 +39,7 @@ class Engine:
         self.seqs: dict[int, Sequence] = {}
         self._step_id = 0
         self._static_ops = placement.step_ops()
+        self._last_pages = (-1, -1)
 
     # ----- requests ------------------------------------------------------------
     def add_request(self, req: Request, now: float) -> Sequence:
@@ -99,20 +103,29 @@ class Engine:
         t = result.end
         finish = self.scheduler.finish
         seqs = self.seqs
+        tokens = result.tokens
+        prefill = decode = 0
         for item in plan.items:
+            n = item.num_tokens
+            if item.phase is PREFILL:
+                prefill += n
+            else:
+                decode += n
             seq = seqs.get(item.request_id)
-            if seq is None or seq.status is not RequestStatus.RUNNING:
-                continue  # cancelled or preempted while the step ran
-            if item.phase is Phase.PREFILL:
-                seq.prefilled += item.num_tokens
+            if seq is None or seq.status is not RUNNING:
+                continue  # cancelled while the step ran
+            seq.kv_len += n
+            if item.phase is PREFILL:
+                seq.prefilled += n
             if not item.emits_token:
                 continue
             seq.generated += 1
             stop = False
-            toks = result.tokens.get(item.request_id)
-            if toks:
-                seq.token_ids.extend(toks)
-                stop = bool(seq.req.stop_token_ids) and toks[-1] in seq.req.stop_token_ids
+            if tokens:
+                toks = tokens.get(item.request_id)
+                if toks:
+                    seq.token_ids.extend(toks)
+                    stop = toks[-1] in seq.req.stop_token_ids
             if seq.first_token_time < 0:
                 seq.first_token_time = t
             else:
@@ -123,6 +136,9 @@ class Engine:
                 seq.finish_time = t
                 self._done(seq)
         sched = self.scheduler
-        self.recorder.step(plan, result, sched.pool.used_pages, len(sched.queue), len(sched.running))
-        self.recorder.tiers(t, self.replica, self.placement.tier_usage(
-            sched.pool.used_pages, sched.swap_pool.used_pages if sched.swap_pool else 0))
+        used = sched.pool.used_pages
+        swapped = sched.swap_pool.used_pages if sched.swap_pool else 0
+        self.recorder.step(plan, result, prefill, decode, used, len(sched.queue), len(sched.running))
+        if (used, swapped) != self._last_pages:
+            self._last_pages = (used, swapped)
+            self.recorder.tiers(t, self.replica, self.placement.tier_usage(used, swapped))

@@ -41,6 +41,14 @@ STEP_COLUMNS = [
 TIER_COLUMNS = ["time", "replica", "tier", "used_bytes", "capacity_bytes"]
 
 
+def _quantile(srt: list[float], q: float) -> float:
+    """Linear-interpolated quantile of a sorted list (numpy's default method)."""
+    pos = q * (len(srt) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(srt) - 1)
+    return srt[lo] + (srt[hi] - srt[lo]) * (pos - lo)
+
+
 class Recorder:
     """Collects rows column-wise (cheap appends; the simulator records every step)."""
 
@@ -61,8 +69,8 @@ class Recorder:
         tpot = (seq.last_token_time - seq.first_token_time) / (out - 1) if out > 1 else np.nan
         itl = seq.itl
         if itl:
-            arr = np.asarray(itl)
-            p50, p99, mx = float(np.percentile(arr, 50)), float(np.percentile(arr, 99)), float(arr.max())
+            srt = sorted(itl)
+            p50, p99, mx = _quantile(srt, 0.5), _quantile(srt, 0.99), srt[-1]
         else:
             p50 = p99 = mx = np.nan
         qd = seq.first_scheduled - req.arrival_time if seq.first_scheduled >= 0 else np.nan
@@ -75,21 +83,16 @@ class Recorder:
             r[k].append(v)
         seq.itl = []
 
-    def step(self, plan: StepPlan, result: StepResult, kv_pages: int, waiting: int, running: int) -> None:
+    def step(self, plan: StepPlan, result: StepResult, prefill: int, decode: int, kv_pages: int,
+             waiting: int, running: int) -> None:
         s = self.steps
-        prefill = decode = 0
-        for it in plan.items:
-            if it.phase.value == "prefill":
-                prefill += it.num_tokens
-            else:
-                decode += it.num_tokens
         vals = (plan.step_id, plan.replica, result.start, result.end, result.end - result.start,
                 len(plan.items), prefill + decode, prefill, decode, result.compute_s, result.transfer_s,
                 result.stall_s, result.flops, result.hbm_bytes, result.link_bytes, kv_pages, waiting,
                 running, len(plan.preempted))
         for c, v in zip(STEP_COLUMNS, vals):
             s[c].append(v)
-        if len(self.ops) < self.record_ops:
+        if result.ops and len(self.ops) < self.record_ops:
             for op in result.ops:
                 self.ops.append((plan.step_id, plan.replica, op.name, op.resource, op.start, op.end, op.nbytes))
 

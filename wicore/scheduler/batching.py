@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from wicore.types import BatchItem
+from wicore.types import BatchItem, Phase, RequestStatus
+
+DECODE = Phase.DECODE
+RUNNING = RequestStatus.RUNNING
 
 if TYPE_CHECKING:
     from wicore.scheduler.scheduler import Scheduler
@@ -31,15 +34,23 @@ class BatchingPolicy:
 
     @staticmethod
     def _decodes(s: Scheduler) -> list[BatchItem]:
+        """One decode item per running sequence past its prefill, reserving a
+        KV slot for each (which may preempt the most recently admitted)."""
         items = []
+        append = items.append
+        preempted_before = s.preemptions
+        page = s.pool.page_tokens
         for seq in list(s.running):
-            if seq.in_prefill or seq not in s.running:
+            if seq.prefilled < seq.prefill_target or seq.status is not RUNNING:
                 continue
-            if s.reserve_decode(seq):
-                items.append(s.decode_item(seq))
-        # a preemption may have removed a sequence already given an item
-        live = {q.request_id for q in s.running}
-        return [i for i in items if i.request_id in live]
+            kv = seq.kv_len
+            # fast path: the next token still fits the sequence's last page
+            if (kv + page) // page <= seq.num_blocks or s.reserve_decode(seq):
+                append(BatchItem(seq.request_id, DECODE, 1, kv, True))
+        if s.preemptions != preempted_before:  # a later reservation preempted an earlier item's sequence
+            live = {q.request_id for q in s.running}
+            items = [i for i in items if i.request_id in live]
+        return items
 
 
 class StaticBatching(BatchingPolicy):

@@ -64,6 +64,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._deadlines: list[tuple[float, int, Sequence]] = []
         self._order = 0
+        self.preemptions = 0
         self._out = SchedulerOutput()
 
     # ----- requests in / out -------------------------------------------------
@@ -175,18 +176,21 @@ class Scheduler:
     def reserve_decode(self, seq: Sequence) -> bool:
         """Make room for one more token of ``seq``, preempting the most recently
         admitted other sequences if needed. False if ``seq`` itself was preempted."""
-        need = self.pool.pages_for(seq.kv_len + 1) - seq.num_blocks
-        while need > 0 and not self.pool.allocate(need):
+        pool = self.pool
+        need = (seq.kv_len + pool.page_tokens) // pool.page_tokens - seq.num_blocks
+        if need <= 0:
+            return True
+        while not pool.allocate(need):
             victim = max(self.running, key=lambda s: s.order)
             self.preempt(victim)
             if victim is seq:
                 return False
-        if need > 0:
-            seq.num_blocks += need
+        seq.num_blocks += need
         return True
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.preemptions += 1
         seq.preemptions += 1
         seq.status = RequestStatus.PREEMPTED
         if (self.preemption == "swap" and self.swap_pool is not None and not seq.in_prefill

@@ -23,6 +23,7 @@ class Sequence:
     prefill_target: int = 0
     prefilled: int = 0
     generated: int = 0
+    kv_len: int = 0  # tokens whose K/V are in the cache
     num_blocks: int = 0
     admitted_at: float = -1.0
     first_scheduled: float = -1.0
@@ -35,7 +36,6 @@ class Sequence:
     itl: list[float] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     order: int = 0  # admission order, for LIFO preemption
-    _generated_at_prefill: int = 0
 
     def __post_init__(self) -> None:
         if self.prefill_target == 0:
@@ -49,22 +49,11 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.prefilled < self.prefill_target
 
-    @property
-    def kv_len(self) -> int:
-        """Tokens whose K/V are in the cache."""
-        if self.in_prefill:
-            return self.prefilled
-        return self.prefill_target + max(self.generated_since_prefill - 1, 0)
-
-    @property
-    def generated_since_prefill(self) -> int:
-        return self.generated - self._generated_at_prefill
-
     def restart_prefill(self) -> None:
         """Recompute preemption: the prompt and the tokens so far are prefilled again."""
         self.prefill_target = self.req.prompt_tokens + self.generated
         self.prefilled = 0
-        self._generated_at_prefill = self.generated
+        self.kv_len = 0
 
     @property
     def remaining_output(self) -> int:

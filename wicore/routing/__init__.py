@@ -1,0 +1,1 @@
+"""Token routing (MoR): deep accelerator path vs shallow CPU path. Pure policy code."""
