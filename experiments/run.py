@@ -20,12 +20,11 @@ from experiments.build import SimSetup, build_sim
 from sim.bounds import Bounds, compute_bounds
 from wicore.metrics import chrome_trace, summarize, write_tables
 
-TARGETS = {  # the original design's targets on 2x T10
-    "throughput": (100.0, 150.0),  # tokens/s
-    "ttft_ms": (50.0, 100.0),
-    "concurrency": (16, 32),
-    "memory_utilisation": 0.85,
-}
+# the original design's targets on 2x T10
+THROUGHPUT_MIN = 100.0  # tokens/s (goal 100-150)
+TTFT_MAX_MS = 100.0  # first-token latency (goal 50-100 ms)
+CONCURRENCY_MIN = 16  # concurrent requests (goal 16-32)
+MEMORY_UTIL_MIN = 0.85  # memory utilisation (goal > 85%)
 
 
 def _clean(v: Any) -> Any:
@@ -37,10 +36,7 @@ def _clean(v: Any) -> Any:
 
 
 def target_rows(summary: dict[str, float], b: Bounds) -> list[dict[str, Any]]:
-    lo_t, _ = TARGETS["throughput"]
-    _, hi_ttft = TARGETS["ttft_ms"]
-    lo_c, _ = TARGETS["concurrency"]
-    mem = TARGETS["memory_utilisation"]
+    lo_t, hi_ttft, lo_c, mem = THROUGHPUT_MIN, TTFT_MAX_MS, CONCURRENCY_MIN, MEMORY_UTIL_MIN
     tput = summary["output_tokens_per_s"]
     ttft = summary["ttft_p50"] * 1e3
     conc = summary["max_running"]

@@ -21,13 +21,13 @@ A step of one replica:
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import simpy
 
 from sim.cost_model import CostModel
-from sim.hardware import Machine
+from sim.hardware import Machine, TransferRecord
 from wicore.model.spec import ModelSpec
 from wicore.types import MemoryOp, OpTiming, StepPlan, StepResult
 
@@ -91,26 +91,24 @@ class SimBackend:
                 result.ops.append(OpTiming("compute", f"gpu{self.gpus[0]}", t0, result.end, 0, cost.flops))
             return result
         flows = [(op, self._flow(op)) for op in ops]
-        # swap-ins must land before the step computes
         swap_in = [ev for op, ev in flows if op.op == "swap_in"]
-        if swap_in:
+        if swap_in:  # the swapped-in KV must land before the step computes
             yield env.all_of(swap_in)
         start = float(env.now)
         finish = start + compute
-        streams = [(op, ev) for op, ev in flows if op.op == "fetch" and op.blocks]
+        streams = [(op, ev) for op, ev in flows if op.blocks and op.op == "fetch"]
         if streams:
-            yield env.all_of([ev for _, ev in streams])
-            cl = cost.local_layer_s + cost.comm_per_layer_s
-            cg = cost.global_layer_s + cost.comm_per_layer_s
+            yield env.all_of([ev for _, ev in streams]) if len(streams) > 1 else streams[0][1]
+            coef = np.array((0.0, cost.local_layer_s + cost.comm_per_layer_s,
+                             cost.global_layer_s + cost.comm_per_layer_s))
             tail = cost.head_s + cost.pp_transfer_s
             for op, ev in streams:
                 st = self._streams.get(id(op))
                 if st is None:
                     st = self._streams[id(op)] = _Stream(op, self.cost.model)
-                rec = ev.value
-                flow_start = rec.first_byte
-                coef = np.array((rec.end - flow_start, cl, cg))
-                finish = max(finish, flow_start + float((st.matrix @ coef).max()) + tail)
+                rec = cast(TransferRecord, ev.value)
+                coef[0] = rec.end - rec.first_byte
+                finish = max(finish, rec.first_byte + float((st.matrix @ coef).max()) + tail)
         now = float(env.now)
         if finish > now:
             yield env.timeout(finish - now)
@@ -123,11 +121,11 @@ class SimBackend:
         link_bytes = 0
         busy = 0.0
         for op, ev in flows:
-            rec = ev.value
+            done = cast(TransferRecord, ev.value)
             link_bytes += op.nbytes
-            busy = max(busy, rec.end - rec.start)
+            busy = max(busy, done.end - done.start)
             if record:
-                result.ops.append(OpTiming(op.op, f"pcie{op.device}", rec.start, rec.end, op.nbytes))
+                result.ops.append(OpTiming(op.op, f"pcie{op.device}", done.start, done.end, op.nbytes))
         result.link_bytes = link_bytes
         result.transfer_s = busy
         if record:

@@ -53,9 +53,9 @@ def compute_bounds(model: ModelSpec, hw: HardwareSpec, tp: int, pp: int, replica
     def step_s(items: list[BatchItem]) -> float:
         return max(cost.step(items).total_s, stream_s)
 
-    P, O = max(1, round(mean_prompt)), max(1, round(mean_output))
+    prompt, out = max(1, round(mean_prompt)), max(1, round(mean_output))
     ttft = step_s([BatchItem(0, Phase.PREFILL, max(1, round(median_prompt)), 0, True)])
-    per_seq_tokens = P + O
+    per_seq_tokens = prompt + out
     fit = placement.num_pages * placement.page_tokens / per_seq_tokens
     concurrency = fit * replicas
     best, best_b = 0.0, 1
@@ -64,9 +64,9 @@ def compute_bounds(model: ModelSpec, hw: HardwareSpec, tp: int, pp: int, replica
     for b in sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, b_max}):
         if b > b_max:
             continue
-        prefill = step_s([BatchItem(i, Phase.PREFILL, P, 0, True) for i in range(b)])
-        dec = step_s([BatchItem(i, Phase.DECODE, 1, P + O // 2, True) for i in range(b)])
-        tput = b * O / (prefill + O * dec)
+        prefill = step_s([BatchItem(i, Phase.PREFILL, prompt, 0, True) for i in range(b)])
+        dec = step_s([BatchItem(i, Phase.DECODE, 1, prompt + out // 2, True) for i in range(b)])
+        tput = b * out / (prefill + out * dec)
         if tput > best:
             best, best_b, decode_step = tput, b, dec
     usable = sum(p.usable_bytes for p in placement.placements) / sum(p.capacity_bytes for p in placement.placements)

@@ -117,9 +117,9 @@ class CostModel:
                 pairs_g += c + 1
                 keys_g += c + 1
                 if w:
-                    m = c + 1 if c < w else w
-                    pairs_l += m
-                    keys_l += m
+                    seen = c + 1 if c < w else w
+                    pairs_l += seen
+                    keys_l += seen
             else:
                 pairs_g += (2 * c + n + 1) * n // 2
                 keys_g += c + n

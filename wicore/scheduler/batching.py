@@ -36,7 +36,7 @@ class BatchingPolicy:
     def _decodes(s: Scheduler) -> list[BatchItem]:
         """One decode item per running sequence past its prefill, reserving a
         KV slot for each (which may preempt the most recently admitted)."""
-        items = []
+        items: list[BatchItem] = []
         append = items.append
         preempted_before = s.preemptions
         page = s.pool.page_tokens
@@ -115,11 +115,11 @@ class ChunkedPrefill(BatchingPolicy):
                 items.append(s.prefill_item(seq, n))
                 budget -= n
         while budget > 0 and s.can_admit_more():
-            seq = s.admit_next(now)
-            if seq is None:
+            new = s.admit_next(now)
+            if new is None:
                 break
-            if seq.in_prefill:
-                n = min(seq.prefill_target - seq.prefilled, budget)
-                items.append(s.prefill_item(seq, n))
+            if new.in_prefill:
+                n = min(new.prefill_target - new.prefilled, budget)
+                items.append(s.prefill_item(new, n))
                 budget -= n
         return items

@@ -36,14 +36,12 @@ class Sequence:
     itl: list[float] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     order: int = 0  # admission order, for LIFO preemption
+    request_id: int = -1  # copy of req.request_id (hot path)
 
     def __post_init__(self) -> None:
+        self.request_id = self.req.request_id
         if self.prefill_target == 0:
             self.prefill_target = self.req.prompt_tokens
-
-    @property
-    def request_id(self) -> int:
-        return self.req.request_id
 
     @property
     def in_prefill(self) -> bool:
