@@ -39,7 +39,7 @@ def target_rows(summary: dict[str, float], b: Bounds) -> list[dict[str, Any]]:
     lo_t, hi_ttft, lo_c, mem = THROUGHPUT_MIN, TTFT_MAX_MS, CONCURRENCY_MIN, MEMORY_UTIL_MIN
     tput = summary["output_tokens_per_s"]
     ttft = summary["ttft_p50"] * 1e3
-    conc = summary["max_running"]
+    conc = summary["mean_running"]
     util = summary["gpu_mem_util_mean"]
     return [
         {"target": "Throughput", "goal": "100–150 tokens/s", "unit": "tokens/s", "value": tput,
@@ -51,7 +51,7 @@ def target_rows(summary: dict[str, float], b: Bounds) -> list[dict[str, Any]]:
          "note": "p50 TTFT incl. queueing; bound = median prompt prefilled alone at datasheet peak"},
         {"target": "Concurrent requests", "goal": "16–32", "unit": "requests", "value": conc,
          "bound": b.concurrency, "met": conc >= lo_c, "bound_met": b.concurrency >= lo_c,
-         "note": "most sequences running at once; bound = KV pool / mean request length"},
+         "note": "mean sequences running at once (per step); bound = KV pool / mean request length"},
         {"target": "Memory utilisation", "goal": "> 85%", "unit": "%", "value": util * 100,
          "bound": b.memory_utilisation * 100, "met": util > mem, "bound_met": b.memory_utilisation > mem,
          "note": "time-weighted mean of used / capacity over the GPUs; bound = usable fraction"},
