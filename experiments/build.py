@@ -90,19 +90,32 @@ def pick(table: Any, name: str, field: str) -> Any:
     return instantiate(table[name])
 
 
+def make_scheduler(cfg: DictConfig, model: ModelSpec, pool: PagePool, swap: PagePool | None) -> Scheduler:
+    sc = cfg.scheduler
+    return Scheduler(
+        batching=pick(sc.batching_policies, sc.batching, "scheduler.batching"),
+        queue=pick(sc.queue_policies, sc.queue, "scheduler.queue"),
+        pool=pool, max_num_seqs=int(sc.max_num_seqs), max_batched_tokens=int(sc.max_batched_tokens),
+        max_context=model.max_context, preemption=str(sc.preemption), swap_pool=swap)
+
+
+def load_workload(cfg: DictConfig, model: ModelSpec) -> Workload:
+    wl_cfg = WorkloadConfig.from_config(plain(cfg.workload))
+    if wl_cfg.kind != "trace":
+        longest = wl_cfg.prompt.upper_bound() + wl_cfg.output.upper_bound()
+        if longest > model.max_context:
+            raise ConfigError(f"workload: prompt + output can reach {longest} tokens, more than the model's "
+                              f"context model.max_context={model.max_context}; lower workload.prompt/output")
+    return Workload(wl_cfg)
+
+
 def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
     hw = hardware_from_config(plain(cfg.hardware))
     model = resolve_model(cfg.model, hw)
     par = resolve_parallel(cfg.parallel, hw)
     mem = MemoryConfig(**{k: v for k, v in plain(cfg.memory).items() if k in MemoryConfig.__dataclass_fields__})
     sc = cfg.scheduler
-    wl_cfg = WorkloadConfig.from_config(plain(cfg.workload))
-    workload = Workload(wl_cfg)
-    if wl_cfg.kind != "trace":
-        longest = wl_cfg.prompt.upper_bound() + wl_cfg.output.upper_bound()
-        if longest > model.max_context:
-            raise ConfigError(f"workload: prompt + output can reach {longest} tokens, more than the model's "
-                              f"context model.max_context={model.max_context}; lower workload.prompt/output")
+    workload = load_workload(cfg, model)
     slo = SLO(**plain(cfg.slo))
     env = simpy.Environment()
     machine = Machine(env, hw, record=bool(cfg.backend.get("record_links", False)))
@@ -118,11 +131,7 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
                               "memory.gpu_memory_utilization")
         pool = PagePool(placement.num_pages, placement.page_tokens, placement.page_bytes)
         swap = PagePool(placement.host_swap_pages, placement.page_tokens, placement.page_bytes, "swap")
-        scheduler = Scheduler(
-            batching=pick(sc.batching_policies, sc.batching, "scheduler.batching"),
-            queue=pick(sc.queue_policies, sc.queue, "scheduler.queue"),
-            pool=pool, max_num_seqs=int(sc.max_num_seqs), max_batched_tokens=int(sc.max_batched_tokens),
-            max_context=model.max_context, preemption=str(sc.preemption), swap_pool=swap)
+        scheduler = make_scheduler(cfg, model, pool, swap)
         engines.append(Engine(scheduler, placement, recorder, replica=r))
         backends.append(SimBackend(env, machine, cost, gpus, record_steps=int(cfg.report.trace_steps)))
         placements.append(placement)

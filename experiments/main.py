@@ -26,10 +26,13 @@ def task(cfg: DictConfig) -> float | None:
     out = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        if cfg.backend.name != "sim":
-            raise ConfigError(f"backend={cfg.backend.name}: only the simulator backend is available so far")
-        from experiments.run import run_sim
-        summary = run_sim(cfg, out, progress_bar=bool(cfg.progress) and not multirun)
+        bar = bool(cfg.progress) and not multirun
+        if cfg.backend.name == "torch":
+            from experiments.run_torch import run_torch
+            summary = run_torch(cfg, out, progress_bar=bar)
+        else:
+            from experiments.run import run_sim
+            summary = run_sim(cfg, out, progress_bar=bar)
     except ConfigError as e:
         (out / "error.txt").write_text(f"{e}\n")
         if multirun:

@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.build import SimSetup, build_sim
 from sim.bounds import Bounds, compute_bounds
-from wicore.metrics import chrome_trace, summarize, write_tables
+from wicore.hal import HardwareSpec
+from wicore.metrics import SLO, Recorder, chrome_trace, summarize, write_tables
+from wicore.model.spec import ModelSpec
 
 # the original design's targets on 2x T10
 THROUGHPUT_MIN = 100.0  # tokens/s (goal 100-150)
@@ -71,30 +73,40 @@ def run_sim(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[str,
     wall = time.perf_counter() - wall0
     if bar is not None:
         bar.close()
-    req, steps, tiers = setup.recorder.frames()
-    hw, par = setup.hw, setup.parallel
-    peak_flops = hw.gpu.peak_flops("int8" if setup.model.dtype in ("int8", "int4") else setup.model.dtype)
-    summary: dict[str, Any] = summarize(req, steps, tiers, peak_flops=peak_flops * hw.num_gpus,
-                                        peak_bw=hw.gpu.mem_bandwidth_gbps * 1e9 * hw.num_gpus,
-                                        slo=setup.slo, end_time=end)
-    wl = setup.workload
+    hw, par, wl = setup.hw, setup.parallel, setup.workload
     bounds = compute_bounds(setup.model, hw, par.tp, par.pp, par.replicas, setup.placements[0],
                             float(np.mean(wl.prompts)), float(np.median(wl.prompts)), float(np.mean(wl.outputs)),
                             setup.max_num_seqs)
+    run_info = {"backend": "sim", "hardware": hw.name, "parallel": par.describe(), "wall_s": wall,
+                "simulated_s": end, "sim_events": next(setup.env._eid)}  # type: ignore[attr-defined]
+    return write_results(cfg, out, setup.recorder, hw, setup.model, setup.slo, end, run_info,
+                         setup.placements[0].describe(), bounds)
+
+
+def write_results(cfg: DictConfig, out: Path, recorder: Recorder, hw: HardwareSpec, model: ModelSpec, slo: SLO,
+                  end: float, run_info: dict[str, Any], placement: dict[str, Any],
+                  bounds: Bounds | None) -> dict[str, Any]:
+    """Summarise a finished run of either backend and write its result folder."""
+    req, steps, tiers = recorder.frames()
+    peak_flops = hw.gpu.peak_flops("int8" if model.dtype in ("int8", "int4") else model.dtype)
+    summary: dict[str, Any] = summarize(req, steps, tiers, peak_flops=peak_flops * hw.num_gpus,
+                                        peak_bw=hw.gpu.mem_bandwidth_gbps * 1e9 * hw.num_gpus,
+                                        slo=slo, end_time=end)
+    wall = run_info.get("wall_s") or 0.0
     summary["run"] = {
-        "backend": "sim", "hardware": hw.name, "model": setup.model.name, "dtype": setup.model.dtype,
-        "batching": str(cfg.scheduler.batching), "queue": str(cfg.scheduler.queue),
-        "parallel": par.describe(), "workload": str(cfg.workload.kind), "seed": int(cfg.seed),
-        "wall_s": wall, "simulated_s": end, "sim_events": next(setup.env._eid),  # type: ignore[attr-defined]  # events scheduled
-        "requests_per_wall_s": len(req) / wall if wall > 0 else None,
+        "model": model.name, "dtype": model.dtype, "batching": str(cfg.scheduler.batching),
+        "queue": str(cfg.scheduler.queue), "workload": str(cfg.workload.kind), "seed": int(cfg.seed),
+        **run_info, "requests_per_wall_s": len(req) / wall if wall > 0 else None,
     }
-    summary["bounds"] = {k: getattr(bounds, k) for k in bounds.__dataclass_fields__}
+    if bounds is not None:
+        summary["bounds"] = {k: getattr(bounds, k) for k in bounds.__dataclass_fields__}
     write_tables(out, req, steps, tiers)
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
-    (out / "targets.json").write_text(json.dumps(_jsonable(target_rows(summary, bounds)), indent=2))
-    (out / "placement.json").write_text(json.dumps(_jsonable(setup.placements[0].describe()), indent=2))
+    if bounds is not None:
+        (out / "targets.json").write_text(json.dumps(_jsonable(target_rows(summary, bounds)), indent=2))
+    (out / "placement.json").write_text(json.dumps(_jsonable(placement), indent=2))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    chrome_trace(out / "trace.json", steps, setup.recorder.ops, max_steps=int(cfg.report.trace_steps))
+    chrome_trace(out / "trace.json", steps, recorder.ops, max_steps=int(cfg.report.trace_steps))
     if cfg.report.enabled:
         from wicore.report import write_report
         write_report(out)

@@ -1,0 +1,103 @@
+"""Run an experiment on the real PyTorch runtime: the same engine, scheduler and
+result schema as the simulator, on the device torch gives us."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from experiments.build import load_workload, make_scheduler, plain
+from experiments.run import write_results
+from sim.workload import Workload
+from wicore.engine import Engine
+from wicore.errors import ConfigError
+from wicore.hal import HardwareSpec
+from wicore.memory.page_pool import PagePool
+from wicore.memory.placement import MemoryConfig, StaticPlacement
+from wicore.metrics import SLO, Recorder
+from wicore.model.spec import ModelSpec
+
+
+@dataclass
+class TorchSetup:
+    engine: Engine
+    backend: Any  # TorchBackend
+    workload: Workload
+    recorder: Recorder
+    hw: HardwareSpec
+    spec: ModelSpec
+    placement: StaticPlacement
+    t0: float
+
+
+def build_torch(cfg: DictConfig) -> TorchSetup:
+    """Load (or build) the model and wire engine + TorchBackend; every check runs here."""
+    import torch
+
+    from wicore.devices import probe
+    from wicore.model.checkpoint import load_checkpoint
+    from wicore.model.kv_cache import KVCache
+    from wicore.model.transformer import build_model, to_torch_dtype
+    from wicore.runtime.backend import TorchBackend
+
+    bc = cfg.backend
+    dev_name = str(bc.device)
+    if dev_name == "auto":
+        dev_name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(dev_name)
+    except RuntimeError as e:
+        raise ConfigError(f"backend.device: '{bc.device}' is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("backend.device=cuda but torch sees no CUDA device; use backend.device=cpu")
+    hw = probe(measure=False)
+    data = plain(cfg.model)
+    if data.get("dtype", "auto") == "auto":
+        data["dtype"] = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if cfg.get("checkpoint"):
+        model, spec = load_checkpoint(str(cfg.checkpoint), device=device, dtype=to_torch_dtype(data["dtype"]))
+    else:
+        spec = ModelSpec.from_config(data)
+        model = build_model(spec, device=device, dtype=spec.dtype, seed=int(cfg.seed))
+    mem = MemoryConfig(**{k: v for k, v in plain(cfg.memory).items() if k in MemoryConfig.__dataclass_fields__})
+    placement = StaticPlacement(spec, hw, [0], 1, 1, mem)
+    if placement.offloading:
+        raise ConfigError("backend=torch: the model does not fit the device budget and weight streaming is "
+                          "not implemented on the real runtime yet")
+    slots = int(cfg.scheduler.max_num_seqs)
+    max_len = min(int(bc.max_len), spec.max_context)
+    cache = KVCache(spec, slots, max_len, device=device, dtype=to_torch_dtype(spec.dtype))
+    pool = PagePool(slots * max_len // mem.page_tokens, mem.page_tokens, placement.page_bytes)
+    workload = load_workload(cfg, spec)
+    if workload.max_total_tokens() > max_len:
+        raise ConfigError(f"workload: a request can reach {workload.max_total_tokens()} tokens but a KV slot "
+                          f"holds backend.max_len={max_len}; raise backend.max_len or shorten the workload")
+    recorder = Recorder()
+    engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder)
+    t0 = time.perf_counter()
+    backend = TorchBackend(model, cache, t0, seed=int(cfg.seed), measure_attention=bool(bc.measure_attention),
+                           page_tokens=mem.page_tokens)
+    return TorchSetup(engine, backend, workload, recorder, hw, spec, placement, t0)
+
+
+def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[str, Any]:
+    from wicore.runtime.driver import TorchDriver
+
+    s = build_torch(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if progress_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=s.workload.n, unit="req", desc=f"running on {s.backend.device}", mininterval=0.5)
+    driver = TorchDriver(s.engine, s.backend, s.workload, s.t0, progress=bar.update if bar is not None else None)
+    end = driver.run()
+    if bar is not None:
+        bar.close()
+    run_info = {"backend": "torch", "hardware": f"{s.hw.gpu.name} ({s.backend.device})", "parallel": "1x(tp1,pp1)",
+                "wall_s": end, "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else "random weights"}
+    return write_results(cfg, out, s.recorder, s.hw, s.spec, SLO(**plain(cfg.slo)), end, run_info,
+                         {**s.placement.describe(), **s.backend.describe()}, None)

@@ -1,0 +1,143 @@
+"""TorchBackend: executes the engine's StepPlans with the real model.
+
+The same plans the SimBackend times are run for real: every prefill item is
+one forward over its chunk (written into the request's KV slot), all decode
+items of a step are one batched forward over rows at different positions
+(continuous batching), and every item that emits a token samples it (greedy,
+temperature, top-k, top-p, per request, seeded). The step's tokens reach the
+host once per step (``.tolist()``), which is the only host sync.
+
+Requests without ``prompt_ids`` (synthetic workloads give lengths only) get
+deterministic pseudo-random token ids, seeded by request id, so the same
+workload runs on both backends. Attention mass per KV page of every decoding
+request is measured and returned in ``StepResult.attention_mass`` (the A2CR
+feedback field) when ``measure_attention`` is on.
+
+Memory ops: on this backend the whole model and its KV cache are resident on
+one device; plans that ask for weight streaming between tiers are rejected at
+start-up (tiered placement for the real runtime is future work).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from wicore.errors import ConfigError
+from wicore.model.kv_cache import KVCache
+from wicore.model.sampling import sample
+from wicore.model.transformer import Transformer
+from wicore.types import BlockRef, OpTiming, Phase, Request, StepPlan, StepResult
+
+
+class TorchBackend:
+    def __init__(self, model: Transformer, cache: KVCache, clock_start: float, seed: int = 0,
+                 measure_attention: bool = False, page_tokens: int = 16) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.device
+        self.t0 = clock_start  # perf_counter() at the start of the run: result times are relative to it
+        self.measure_attention = measure_attention
+        self.page_tokens = page_tokens
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
+        self.slots: dict[int, int] = {}
+        self.free_slots = list(range(cache.max_slots - 1, -1, -1))
+        self.requests: dict[int, Request] = {}
+        self.tokens: dict[int, list[int]] = {}  # prompt (+ generated) ids per request
+
+    # ----- requests --------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.prompt_ids is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + req.request_id)
+            ids = torch.randint(0, self.model.spec.vocab_size, (req.prompt_tokens,), generator=g).tolist()
+        else:
+            ids = list(req.prompt_ids)
+        self.requests[req.request_id] = req
+        self.tokens[req.request_id] = ids
+
+    def release(self, request_id: int) -> None:
+        """The request finished or was cancelled: free its KV slot."""
+        slot = self.slots.pop(request_id, None)
+        if slot is not None:
+            self.free_slots.append(slot)
+        self.requests.pop(request_id, None)
+        self.tokens.pop(request_id, None)
+
+    def _slot(self, request_id: int) -> int:
+        slot = self.slots.get(request_id)
+        if slot is None:
+            if not self.free_slots:
+                raise RuntimeError("torch backend: no free KV slot (scheduler.max_num_seqs > slots)")
+            slot = self.slots[request_id] = self.free_slots.pop()
+        return slot
+
+    def _sampling(self, rids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def param(name: str, default: float) -> torch.Tensor:
+            vals = [float((self.requests[r].sampling or {}).get(name, default)) for r in rids]
+            return torch.tensor(vals, device=self.device)
+        return param("temperature", 0.0), param("top_k", 0).long(), param("top_p", 1.0)
+
+    # ----- one step ----------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        if any(op.op in ("fetch", "prefetch") for op in plan.memory_ops):
+            raise ConfigError("backend=torch: weight streaming between tiers is not implemented on the "
+                              "real runtime yet; give it a GPU budget that holds the model")
+        start = time.perf_counter() - self.t0
+        dev = self.device
+        last_logits: list[torch.Tensor] = []
+        emit_ids: list[int] = []
+        mass_rows: list[tuple[int, torch.Tensor]] = []
+        for it in plan.items:
+            if it.phase is not Phase.PREFILL:
+                continue
+            if it.context_len == 0 and it.request_id in self.slots:  # recompute preemption: start over
+                self.cache.free(self.slots[it.request_id])
+            slot = self._slot(it.request_id)
+            ids = self.tokens[it.request_id][it.context_len: it.context_len + it.num_tokens]
+            x = torch.tensor([ids], device=dev)
+            pos = torch.arange(it.context_len, it.context_len + it.num_tokens, device=dev)[None, :]
+            logits = self.model(x, pos, self.cache, torch.tensor([slot], device=dev), last_only=True)
+            assert isinstance(logits, torch.Tensor)
+            if it.emits_token:
+                last_logits.append(logits[:, -1])
+                emit_ids.append(it.request_id)
+        dec = [it for it in plan.items if it.phase is Phase.DECODE]
+        if dec:
+            x = torch.tensor([[self.tokens[it.request_id][it.context_len]] for it in dec], device=dev)
+            pos = torch.tensor([[it.context_len] for it in dec], device=dev)
+            slots = torch.tensor([self._slot(it.request_id) for it in dec], device=dev)
+            out = self.model(x, pos, self.cache, slots, return_attention_mass=self.measure_attention,
+                             last_only=True, page_size=self.page_tokens)
+            if isinstance(out, tuple):
+                logits, mass = out
+                mass_rows = [(it.request_id, mass[i]) for i, it in enumerate(dec)]
+            else:
+                logits = out
+            last_logits.append(logits[:, -1])
+            emit_ids += [it.request_id for it in dec]
+        result = StepResult(plan.step_id, start, start)
+        if emit_ids:
+            temp, top_k, top_p = self._sampling(emit_ids)
+            new = sample(torch.cat(last_logits), temp, top_k, top_p, self.generator).tolist()  # the one sync
+            for rid, tok in zip(emit_ids, new):
+                self.tokens[rid].append(tok)
+                result.tokens[rid] = [tok]
+        for rid, row in mass_rows:
+            for page, value in enumerate(row.tolist()):
+                if value > 0:
+                    result.attention_mass[BlockRef("kv", -1, seq=rid, index=page)] = value
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        end = time.perf_counter() - self.t0
+        result.end = end
+        result.compute_s = end - start
+        result.ops.append(OpTiming("compute", str(dev), start, end))
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": str(self.device), "kv_slots": self.cache.max_slots, "kv_len": self.cache.max_len,
+                "kv_cache_bytes": self.cache.nbytes}
