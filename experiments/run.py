@@ -79,13 +79,16 @@ def run_sim(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[str,
                             setup.max_num_seqs)
     run_info = {"backend": "sim", "hardware": hw.name, "parallel": par.describe(), "wall_s": wall,
                 "simulated_s": end, "sim_events": next(setup.env._eid)}  # type: ignore[attr-defined]
+    links = {name: {"bytes": link.bytes_moved, "busy_s": link.busy_time_at(end),
+                    "utilisation": link.busy_time_at(end) / end if end > 0 else 0.0}
+             for name, link in setup.driver.backends[0].machine.links().items() if link.bytes_moved}
     return write_results(cfg, out, setup.recorder, hw, setup.model, setup.slo, end, run_info,
-                         setup.placements[0].describe(), bounds)
+                         setup.placements[0].describe(), bounds, extra={"links": links})
 
 
 def write_results(cfg: DictConfig, out: Path, recorder: Recorder, hw: HardwareSpec, model: ModelSpec, slo: SLO,
                   end: float, run_info: dict[str, Any], placement: dict[str, Any],
-                  bounds: Bounds | None) -> dict[str, Any]:
+                  bounds: Bounds | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Summarise a finished run of either backend and write its result folder."""
     req, steps, tiers = recorder.frames()
     peak_flops = hw.gpu.peak_flops("int8" if model.dtype in ("int8", "int4") else model.dtype)
@@ -100,6 +103,7 @@ def write_results(cfg: DictConfig, out: Path, recorder: Recorder, hw: HardwareSp
     }
     if bounds is not None:
         summary["bounds"] = {k: getattr(bounds, k) for k in bounds.__dataclass_fields__}
+    summary.update(extra or {})
     write_tables(out, req, steps, tiers)
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
     if bounds is not None:

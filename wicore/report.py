@@ -429,6 +429,13 @@ def write_report(run_dir: Path) -> Path:
         if isinstance(table, dict) and table:
             rows = [[_label(k), fmt(v)] for k, v in table.items()]
             md += [f"## {heading}", "", md_table(["Quantity", "Value"], rows), ""]
+    links = summary.get("links")
+    if isinstance(links, dict) and links:
+        rows = [[name, fmt(v.get("bytes", 0) / 1e9), fmt(v.get("busy_s")), fmt(100 * v.get("utilisation", 0))]
+                for name, v in links.items()]
+        md += ["## Links", "", "Bytes moved and busy time per link (a link is busy while any transfer is on it; "
+               "concurrent transfers share its bandwidth).", "",
+               md_table(["Link", "Moved (GB)", "Busy (s)", "Busy (% of run)"], rows), ""]
     md += ["## Plots", ""]
     for name, caption in figs:
         md += [f"### {caption}", "", f"![{caption}](plots/{name})", ""]

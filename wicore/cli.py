@@ -1,0 +1,74 @@
+"""The ``wicore`` command: one entry for the project's tools.
+
+    wicore run [hydra overrides]              = python run_experiment.py ...
+    wicore checkpoint create --spec S --out D  random-weight checkpoint in Hugging Face layout
+    wicore verify DIR [--sha256]              check a checkpoint directory
+    wicore probe [--measure]                  describe this machine's devices
+    wicore report RUN_DIR                     (re)write a run's report.md and plots
+    wicore sweep-summary SWEEP_DIR            (re)write a sweep's summary
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+
+def _probe(argv: list[str]) -> int:
+    import argparse
+
+    from wicore.devices import probe
+    ap = argparse.ArgumentParser(prog="wicore probe")
+    ap.add_argument("--measure", action="store_true", help="time host->device copies and disk reads")
+    args = ap.parse_args(argv)
+    print(json.dumps(dataclasses.asdict(probe(measure=args.measure)), indent=2))
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from wicore.report import write_report
+    for d in argv:
+        print(write_report(Path(d)))
+    return 0
+
+
+def _sweep(argv: list[str]) -> int:
+    from wicore.sweep import main as sweep_main
+    sweep_main(argv)
+    return 0
+
+
+def _run(argv: list[str]) -> int:
+    from experiments.main import main as hydra_main
+    sys.argv = ["wicore run", *argv]
+    hydra_main()
+    return 0
+
+
+def _checkpoint(argv: list[str]) -> int:
+    from wicore.model.checkpoint import main as ckpt_main
+    return ckpt_main(argv)
+
+
+def _verify(argv: list[str]) -> int:
+    from wicore.model.verify import main as verify_main
+    return verify_main(argv)
+
+
+COMMANDS = {"run": _run, "checkpoint": _checkpoint, "verify": _verify, "probe": _probe,
+            "report": _report, "sweep-summary": _sweep}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if not args or args[0] in ("-h", "--help") else 2
+    return COMMANDS[args[0]](args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
