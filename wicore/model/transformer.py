@@ -1,0 +1,220 @@
+"""The decoder: Gemma-3 (text) and Llama-3.x as one module parametrised by ``ModelSpec.family``.
+
+Computes what HF transformers' ``Gemma3ForCausalLM`` / ``LlamaForCausalLM`` compute (eager
+attention); parameter names are the HF names without the leading ``model.`` (``lm_head.weight``
+stays), see ``wicore.model.checkpoint``.
+
+Gemma-3: embedding * sqrt(hidden) (scale rounded to the model dtype), four (1 + w) RMSNorms per
+layer, q_norm/k_norm, scale ``query_pre_attn_scalar ** -0.5``, local layers (``spec.is_global``
+False) use RoPE base ``rope_local_base`` and a sliding window (a query at p sees keys in
+(p - window, p]), global layers use ``rope_theta`` with ``spec.extra["rope_scaling"]`` (linear),
+GeGLU, tied embeddings. Llama: w * RMSNorm, SwiGLU, RoPE ``rope_theta`` with "llama3" scaling when
+given, all layers global, untied head (tied when ``tie_embeddings``), no embedding scaling.
+
+fp16 strategy: the residual stream stays in fp16 but is clamped to ±(65504 - 1000) after every
+residual add, as are the attention and MLP outputs and the gated MLP product (``clamp_fp16``);
+all norms and attention scores/softmax are computed in fp32. bf16 and fp32 are not clamped. Use
+``preferred_dtype(device)`` to pick bf16 where the GPU supports it (fp16 on Turing, fp32 on CPU).
+
+Attention mass (``return_attention_mass=True``): for each row, the attention probabilities of its
+last query (index ``lengths - 1``, or T - 1) averaged over all heads and all layers (local layers
+included, so each row sums to 1), summed per KV page of ``page_size`` positions: [B, num_pages]
+with ``num_pages = ceil(S / page_size)``; S is the cache length (page p = cache positions
+[p * page_size, (p + 1) * page_size)) or, without a cache, the input length (token index).
+The mass path always uses the eager attention kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wicore.errors import ConfigError
+from wicore.model.kv_cache import KVCache
+from wicore.model.layers import (
+    Attention,
+    Embedding,
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    attend,
+    attention_masks,
+    clamp_fp16,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from wicore.model.spec import ModelSpec
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: '{dtype}' is not a torch compute dtype; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def preferred_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on older CUDA GPUs (e.g. Turing), fp32 on CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, index: int) -> None:
+        super().__init__()
+        gemma = spec.family == "gemma3"
+        self.index, self.gemma, self.is_global = index, gemma, spec.is_global(index)
+        scale = (spec.query_pre_attn_scalar or spec.head_dim) ** -0.5 if gemma else spec.head_dim ** -0.5
+        h, eps = spec.hidden_size, spec.rms_norm_eps
+        self.self_attn = Attention(h, spec.num_heads, spec.num_kv_heads, spec.head_dim, scale,
+                                   qk_norm=gemma, eps=eps)
+        self.mlp = GatedMLP(h, spec.intermediate_size, "gelu_tanh" if gemma else "silu")
+        self.input_layernorm = RMSNorm(h, eps, offset=gemma)
+        self.post_attention_layernorm = RMSNorm(h, eps, offset=gemma)  # Llama: the pre-MLP norm
+        self.pre_feedforward_layernorm = RMSNorm(h, eps, offset=True) if gemma else None
+        self.post_feedforward_layernorm = RMSNorm(h, eps, offset=True) if gemma else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor,
+                cache: KVCache | None, slots: Tensor | None, mass_index: Tensor | None,
+                use_sdpa: bool) -> tuple[Tensor, Tensor | None]:
+        attn = self.self_attn
+        q, k, v = attn.project(self.input_layernorm(x), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.index, k, v, slots, positions)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        out, mass = attend(q, k, v, mask, attn.scale, mass_index, use_sdpa)
+        a = clamp_fp16(attn.o_proj(out))
+        if self.pre_feedforward_layernorm is not None and self.post_feedforward_layernorm is not None:
+            x = clamp_fp16(x + self.post_attention_layernorm(a))
+            m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = clamp_fp16(x + a)
+            m = self.mlp(self.post_attention_layernorm(x))
+        return clamp_fp16(x + m), mass
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM.
+
+    ``attn_impl``: "auto" (default: eager for single-token decode, where a masked SDPA call is slower
+    than two small matmuls, SDPA for longer inputs, where it avoids materialising [T, S] scores),
+    "sdpa" or "eager" (HF's op order; bit-identical logits on CPU).
+    """
+
+    inv_freq_global: Tensor
+    inv_freq_local: Tensor
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.attn_impl = "auto"
+        h = spec.hidden_size
+        self.embed_tokens = Embedding(spec.vocab_size, h)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(h, spec.rms_norm_eps, offset=spec.family == "gemma3")
+        self.lm_head = None if spec.tie_embeddings else Linear(h, spec.vocab_size)
+        self._embed_scale: dict[torch.dtype, float] = {}
+        self.init_rope()
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights()
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the fp32 RoPE frequency buffers (after ``to_empty`` or a dtype cast)."""
+        spec, dev = self.spec, device if device is not None else self.embed_tokens.weight.device
+        scaling = spec.extra.get("rope_scaling")
+        self.register_buffer("inv_freq_global", rope_inv_freq(spec.head_dim, spec.rope_theta, scaling)
+                             .to(dev), persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(spec.head_dim, spec.rope_local_base)
+                             .to(dev), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """N(0, std) for embeddings and projections; norms to identity (Gemma 0, Llama 1)."""
+        for mod in self.modules():
+            if isinstance(mod, Linear | Embedding):
+                mod.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(mod, RMSNorm):
+                mod.reset_parameters()
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def embed_scale(self, dtype: torch.dtype) -> float:
+        """sqrt(hidden) rounded to ``dtype`` as HF does (Gemma); 1.0 for Llama."""
+        if self.spec.family != "gemma3":
+            return 1.0
+        if dtype not in self._embed_scale:
+            self._embed_scale[dtype] = float(torch.tensor(math.sqrt(self.spec.hidden_size)).to(dtype))
+        return self._embed_scale[dtype]
+
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None,
+                slots: Tensor | None = None, return_attention_mass: bool = False, *,
+                lengths: Tensor | None = None, last_only: bool = False,
+                page_size: int = 16) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits [B, T, vocab] in fp32 ([B, 1, vocab] with ``last_only``).
+
+        input_ids, positions: [B, T]. With ``cache``, K/V are written at ``positions`` of ``slots``
+        [B] (None: slots 0..B-1) and each row attends over its cached prefix. ``lengths`` [B]: valid
+        tokens per row for right-padded input (selects the row's last query for ``last_only`` and
+        the attention mass). Returns ``(logits, mass [B, num_pages])`` with ``return_attention_mass``.
+        No host synchronisation happens here.
+        """
+        spec = self.spec
+        b, t = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        x = x * self.embed_scale(x.dtype) if spec.family == "gemma3" else x
+        k_pos = cache.key_positions if cache is not None else positions
+        global_mask, local_mask = attention_masks(positions, k_pos, spec.sliding_window)
+        cos_g, sin_g = rope_cos_sin(positions, self.inv_freq_global, x.dtype)
+        local = local_mask is not None and spec.num_local_layers > 0
+        cos_l, sin_l = rope_cos_sin(positions, self.inv_freq_local, x.dtype) if local else (cos_g, sin_g)
+        last = lengths - 1 if lengths is not None else torch.full((b,), t - 1, device=x.device)
+        mass_index = last if return_attention_mass else None
+        use_sdpa = self.attn_impl == "sdpa" or (self.attn_impl == "auto" and t > 1)
+        total: Tensor | None = None
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            if layer.is_global or local_mask is None:
+                x, mass = layer(x, cos_g, sin_g, global_mask, positions, cache, slots, mass_index, use_sdpa)
+            else:
+                x, mass = layer(x, cos_l, sin_l, local_mask, positions, cache, slots, mass_index, use_sdpa)
+            if mass is not None:
+                total = mass if total is None else total + mass
+        x = self.norm(x)
+        if last_only:
+            x = x.gather(1, last.view(b, 1, 1).expand(b, 1, x.shape[-1]))
+        logits = F.linear(x, self.output_weight).float()
+        if total is None:
+            return logits
+        mass = total / spec.num_layers
+        pages = -(-mass.shape[-1] // page_size)
+        mass = F.pad(mass, (0, pages * page_size - mass.shape[-1])).view(b, pages, page_size).sum(-1)
+        return logits, mass
+
+
+def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: str | torch.dtype | None = None,
+                init: bool = True, seed: int | None = None) -> Transformer:
+    """Allocate a ``Transformer`` directly on ``device`` in ``dtype`` (default ``spec.dtype``).
+
+    Built on the meta device first, so no fp32 copy or default init is ever materialised. With
+    ``init`` the weights get ``init_weights()`` (seeded by ``seed``); otherwise they are
+    uninitialised memory that the caller must fill (``load_checkpoint`` does).
+    """
+    tdt = to_torch_dtype(dtype if dtype is not None else spec.dtype)
+    with torch.device("meta"):
+        model = Transformer(spec)
+    model = model.to(dtype=tdt).to_empty(device=device)
+    model.init_rope(device)
+    if init:
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        model.init_weights(generator=gen)
+    return model.eval()
