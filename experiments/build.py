@@ -18,6 +18,7 @@ from sim.workload import Workload, WorkloadConfig
 from wicore.engine import Engine
 from wicore.errors import ConfigError
 from wicore.hal import HardwareSpec, hardware_from_config
+from wicore.memory.manager import TieredWeights, check_policy_params
 from wicore.memory.page_pool import PagePool
 from wicore.memory.placement import MemoryConfig, StaticPlacement
 from wicore.metrics import SLO, Recorder
@@ -109,6 +110,26 @@ def load_workload(cfg: DictConfig, model: ModelSpec) -> Workload:
     return Workload(wl_cfg)
 
 
+def make_placement(cfg: DictConfig, model: ModelSpec, hw: HardwareSpec, gpus: list[int], par: Parallel,
+                   mem: MemoryConfig, replica: int) -> StaticPlacement:
+    """The memory manager of one replica: ``memory.manager`` static or hmt."""
+    mc = cfg.memory
+    manager = str(mc.get("manager", "static"))
+    name = f"replica{replica}"
+    if manager == "static":
+        return StaticPlacement(model, hw, gpus, par.tp, par.pp, mem, name=name)
+    if manager != "hmt":
+        raise ConfigError(f"memory.manager: unknown '{manager}', use static or hmt")
+    policy = str(mc.policy)
+    if policy not in mc.policies:
+        raise ConfigError(f"memory.policy: unknown '{policy}', use one of {sorted(mc.policies)}")
+    if policy in mc:
+        check_policy_params(policy, plain(mc[policy]))
+    formats = {k: (model.dtype if v == "auto" else v) for k, v in plain(mc.formats).items()}
+    factory = instantiate(mc.policies[policy])
+    return TieredWeights(model, hw, gpus, par.tp, par.pp, mem, factory, formats, name=name)
+
+
 def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
     hw = hardware_from_config(plain(cfg.hardware))
     model = resolve_model(cfg.model, hw)
@@ -125,7 +146,7 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
     per = par.tp * par.pp
     for r in range(par.replicas):
         gpus = list(range(r * per, (r + 1) * per))
-        placement = StaticPlacement(model, hw, gpus, par.tp, par.pp, mem, name=f"replica{r}")
+        placement = make_placement(cfg, model, hw, gpus, par, mem, r)
         if placement.num_pages < 1:
             raise ConfigError("memory: no room for a single KV page; raise memory.kv_min_gib or "
                               "memory.gpu_memory_utilization")

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.build import SimSetup, build_sim
 from sim.bounds import Bounds, compute_bounds
 from wicore.hal import HardwareSpec
+from wicore.memory.manager import TieredWeights
 from wicore.metrics import SLO, Recorder, chrome_trace, summarize, write_tables
 from wicore.model.spec import ModelSpec
 
@@ -82,8 +84,22 @@ def run_sim(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[str,
     links = {name: {"bytes": link.bytes_moved, "busy_s": link.busy_time_at(end),
                     "utilisation": link.busy_time_at(end) / end if end > 0 else 0.0}
              for name, link in setup.driver.backends[0].machine.links().items() if link.bytes_moved}
+    extra: dict[str, Any] = {"links": links}
+    managers = [p for p in setup.placements if isinstance(p, TieredWeights)]
+    if managers:
+        stats = [m.stats for m in managers]
+        accesses = sum(st.accesses for st in stats)
+        tiers = sorted({t for st in stats for t in st.served})
+        extra["memory"] = {
+            "weight_block_accesses": accesses,
+            **{f"served_from_{t}": sum(st.served.get(t, 0) for st in stats) / max(accesses, 1) for t in tiers},
+            **{f"bytes_from_{t}_gb": sum(st.bytes_in.get(t, 0) for st in stats) / 1e9
+               for t in tiers if t != "gpu"},
+        }
+        rows = {k: sum((m.block_rows[k] for m in managers), []) for k in managers[0].block_rows}
+        pd.DataFrame(rows).to_parquet(out / "blocks.parquet", index=False, compression="zstd")
     return write_results(cfg, out, setup.recorder, hw, setup.model, setup.slo, end, run_info,
-                         setup.placements[0].describe(), bounds, extra={"links": links})
+                         setup.placements[0].describe(), bounds, extra=extra)
 
 
 def write_results(cfg: DictConfig, out: Path, recorder: Recorder, hw: HardwareSpec, model: ModelSpec, slo: SLO,

@@ -35,23 +35,25 @@ UPLOADS = ("fetch", "prefetch", "swap_in")
 
 
 class _Stream:
-    """Precomputed per streamed-weights op: arrival fraction and suffix layer counts."""
+    """Per streamed-weights op: for each block k (in arrival order) the fraction
+    of the op's bytes that has arrived when k is complete, the local / global
+    layers from k's layer to the end, and the share of the op's format
+    conversion still to do from k on."""
 
     __slots__ = ("matrix",)
 
-    def __init__(self, op: MemoryOp, model: ModelSpec) -> None:
-        # streamed layers are equal-sized blocks arriving in order: layer k's
-        # last byte is at fraction (k + 1) / n of the flow
-        layers = [b.layer for b in op.blocks]
-        frac = np.arange(1, len(layers) + 1) / len(layers)
+    def __init__(self, layers: tuple[int, ...], sizes: tuple[int, ...], model: ModelSpec) -> None:
+        w = np.asarray(sizes, dtype=float) if sizes else np.ones(len(layers))
+        frac = np.cumsum(w) / w.sum()
+        conv_suffix = (np.cumsum(w[::-1])[::-1]) / w.sum()
         glob = np.array([model.is_global(i) for i in range(model.num_layers)])
         suffix_g = np.cumsum(glob[::-1])[::-1]
         suffix_all = np.arange(model.num_layers, 0, -1)
         idx = np.asarray(layers)
         n_global = suffix_g[idx].astype(float)
         n_local = (suffix_all[idx] - suffix_g[idx]).astype(float)
-        # finish_k = flow_start + D * frac_k + n_local_k * c_local + n_global_k * c_global
-        self.matrix = np.stack([frac, n_local, n_global], axis=1)
+        # finish_k = first_byte + D * frac_k + n_local_k * c_local + n_global_k * c_global + conv_k * C
+        self.matrix = np.stack([frac, n_local, n_global, conv_suffix], axis=1)
 
 
 class SimBackend:
@@ -62,7 +64,9 @@ class SimBackend:
         self.cost = cost
         self.gpus = gpus
         self.record_steps = record_steps  # keep op timings of the first N steps (trace.json)
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[tuple[tuple[int, ...], tuple[int, ...]], _Stream] = {}
+        # dequantising fetched blocks on the GPU: read the stored bytes, write the hot ones
+        self.convert_bw = machine.spec.gpu.mem_bandwidth_gbps * 1e9 * machine.spec.gpu.bandwidth_efficiency
 
     def _flow(self, op: MemoryOp) -> simpy.Event:
         m = self.machine
@@ -96,19 +100,27 @@ class SimBackend:
             yield env.all_of(swap_in)
         start = float(env.now)
         finish = start + compute
+        compute_conv = 0.0
         streams = [(op, ev) for op, ev in flows if op.blocks and op.op == "fetch"]
         if streams:
             yield env.all_of([ev for _, ev in streams]) if len(streams) > 1 else streams[0][1]
             coef = np.array((0.0, cost.local_layer_s + cost.comm_per_layer_s,
-                             cost.global_layer_s + cost.comm_per_layer_s))
+                             cost.global_layer_s + cost.comm_per_layer_s, 0.0))
             tail = cost.head_s + cost.pp_transfer_s
             for op, ev in streams:
-                st = self._streams.get(id(op))
+                key = (tuple(b.layer for b in op.blocks), op.block_bytes)
+                st = self._streams.get(key)
                 if st is None:
-                    st = self._streams[id(op)] = _Stream(op, self.cost.model)
+                    if len(self._streams) > 512:
+                        self._streams.clear()
+                    st = self._streams[key] = _Stream(key[0], key[1], self.cost.model)
                 rec = cast(TransferRecord, ev.value)
                 coef[0] = rec.end - rec.first_byte
+                conv = 2 * op.convert_bytes / self.convert_bw if op.convert_bytes else 0.0
+                coef[3] = conv
+                compute_conv += conv
                 finish = max(finish, rec.first_byte + float((st.matrix @ coef).max()) + tail)
+            finish = max(finish, start + compute + compute_conv)
         now = float(env.now)
         if finish > now:
             yield env.timeout(finish - now)
@@ -117,7 +129,8 @@ class SimBackend:
             yield env.all_of(others)
         end = float(env.now)
         result.end = end
-        result.stall_s = max(0.0, end - t0 - compute)
+        result.compute_s = compute + compute_conv
+        result.stall_s = max(0.0, end - t0 - compute - compute_conv)
         link_bytes = 0
         busy = 0.0
         for op, ev in flows:

@@ -38,7 +38,6 @@ class Engine:
         self.on_done = on_done
         self.seqs: dict[int, Sequence] = {}
         self._step_id = 0
-        self._static_ops = placement.step_ops()
         self._last_pages = (-1, -1)
 
     # ----- requests ------------------------------------------------------------
@@ -83,7 +82,7 @@ class Engine:
             self._done(seq)
         if not out.items:
             return None
-        ops: list[MemoryOp] | tuple[MemoryOp, ...] = self._static_ops
+        ops: list[MemoryOp] | tuple[MemoryOp, ...] = self.placement.step_ops(now)
         if out.swap_out_pages or out.swap_in_pages:
             ops = list(ops)
             for g, gpb in zip(self.placement.gpus, self.placement.page_bytes_per_gpu):
@@ -135,10 +134,11 @@ class Engine:
                 finish(seq)
                 seq.finish_time = t
                 self._done(seq)
+        self.placement.feedback(plan, result, now)
         sched = self.scheduler
         used = sched.pool.used_pages
         swapped = sched.swap_pool.used_pages if sched.swap_pool else 0
         self.recorder.step(plan, result, prefill, decode, used, len(sched.queue), len(sched.running))
-        if (used, swapped) != self._last_pages:
+        if (used, swapped) != self._last_pages or self.placement.offloading and plan.memory_ops:
             self._last_pages = (used, swapped)
             self.recorder.tiers(t, self.replica, self.placement.tier_usage(used, swapped))

@@ -245,6 +245,37 @@ def plot_memory(tiers: pd.DataFrame, end: float, path: Path) -> None:
     return _save(fig, path)
 
 
+def plot_block_residency(blocks: pd.DataFrame, end: float, path: Path, bins: int = 200) -> None:
+    """Heat map: for each layer of the first GPU, the share of its weight blocks
+    resident on that GPU over time (the rest is in host memory or on NVMe)."""
+    gpu = int(blocks["gpu"].min())
+    sub = blocks[(blocks["gpu"] == gpu) & (blocks["replica"] == blocks["replica"].min())]
+    layers = int(sub["layer"].max()) + 1
+    groups = sorted(sub["group"].unique())
+    t_end = max(end, float(sub["time"].max()), 1e-9)
+    edges = np.linspace(0.0, t_end, bins + 1)
+    grid = np.zeros((layers, bins))
+    on_gpu = sub["tier"].str.startswith("gpu").to_numpy()
+    for (layer, _group), idx in sub.groupby(["layer", "group"]).groups.items():
+        g = sub.loc[idx]
+        times = g["time"].to_numpy()
+        state = on_gpu[sub.index.get_indexer(idx)]
+        # state after each change, sampled at the bin starts
+        pos = np.searchsorted(times, edges[:-1], side="right") - 1
+        vals = np.where(pos >= 0, state[np.clip(pos, 0, None)], 0.0)
+        grid[int(layer)] += vals / len(groups)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    scale, unit = time_unit(t_end)
+    im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
+                   extent=(0, t_end / scale, -0.5, layers - 0.5), interpolation="nearest")
+    ax.set_xlabel(f"time ({unit})")
+    ax.set_ylabel("layer")
+    ax.set_title(f"Weight blocks resident on GPU {gpu}\n(1 = all of the layer's blocks; the rest is "
+                 "fetched from host memory / NVMe when needed)", fontsize=10)
+    fig.colorbar(im, ax=ax, label="share resident on GPU")
+    _save(fig, path)
+
+
 def plot_step_breakdown(steps: pd.DataFrame, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
     if steps.empty:
@@ -410,6 +441,11 @@ def write_report(run_dir: Path) -> Path:
     plot_timeline(req, steps, plots / figs[1][0])
     plot_memory(tiers, end, plots / figs[2][0])
     plot_step_breakdown(steps, plots / figs[3][0])
+    if (run_dir / "blocks.parquet").exists():
+        blocks = pd.read_parquet(run_dir / "blocks.parquet")
+        if len(blocks):
+            figs.append(("blocks.png", "Where the weight blocks live (GPU 0)"))
+            plot_block_residency(blocks, end, plots / figs[-1][0])
 
     title = " / ".join(str(run[k]) for k in ("hardware", "model", "batching") if run.get(k)) or run_dir.name
     md = [f"# WiCore run report: {title}", ""]
@@ -429,13 +465,21 @@ def write_report(run_dir: Path) -> Path:
         if isinstance(table, dict) and table:
             rows = [[_label(k), fmt(v)] for k, v in table.items()]
             md += [f"## {heading}", "", md_table(["Quantity", "Value"], rows), ""]
+    mem = summary.get("memory")
+    if isinstance(mem, dict) and mem:
+        mem_rows = [[_label(k), fmt(100 * v if k.startswith("served_from") else v)] for k, v in mem.items()]
+        md += ["## Tiered memory (weights)", "",
+               "Share of weight-block accesses served by each tier (gpu = hit; cpu / nvme = fetched from there, "
+               "in that tier's format) and bytes moved from each lower tier. Where every block lives over time: "
+               "`blocks.parquet` (a row per change).", "",
+               md_table(["Quantity", "Value (%, GB)"], mem_rows), ""]
     links = summary.get("links")
     if isinstance(links, dict) and links:
-        rows = [[name, fmt(v.get("bytes", 0) / 1e9), fmt(v.get("busy_s")), fmt(100 * v.get("utilisation", 0))]
-                for name, v in links.items()]
+        link_rows = [[name, fmt(v.get("bytes", 0) / 1e9), fmt(v.get("busy_s")),
+                      fmt(100 * v.get("utilisation", 0))] for name, v in links.items()]
         md += ["## Links", "", "Bytes moved and busy time per link (a link is busy while any transfer is on it; "
                "concurrent transfers share its bandwidth).", "",
-               md_table(["Link", "Moved (GB)", "Busy (s)", "Busy (% of run)"], rows), ""]
+               md_table(["Link", "Moved (GB)", "Busy (s)", "Busy (% of run)"], link_rows), ""]
     md += ["## Plots", ""]
     for name, caption in figs:
         md += [f"### {caption}", "", f"![{caption}](plots/{name})", ""]

@@ -93,7 +93,7 @@ class MemoryOp:
     that needs the data (``-1``: not tied to a layer); ``device`` is the GPU
     whose link carries it. ``convert_bytes`` is the size after a format
     conversion on arrival (for example 4-bit on NVMe to fp16 on the GPU), used
-    to cost the conversion.
+    to cost the conversion. The blocks of one op arrive in order.
     """
 
     op: str
@@ -104,6 +104,7 @@ class MemoryOp:
     device: int = 0
     blocks: tuple[BlockRef, ...] = ()
     convert_bytes: int = 0
+    block_bytes: tuple[int, ...] = ()  # bytes of each block, in order (empty: equal shares)
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from wicore.errors import CapacityError, ConfigError
 from wicore.hal import GIB, HardwareSpec
 from wicore.model.spec import ModelSpec
-from wicore.types import BlockRef, MemoryOp
+from wicore.types import BlockRef, MemoryOp, StepPlan, StepResult
 
 ACT_BYTES = 2
 
@@ -147,9 +147,12 @@ class StaticPlacement:
                      blocks=tuple(BlockRef("weight", layer, "layer", device=p.gpu) for layer, _ in p.streamed))
             for p in self.placements if p.streamed)
 
-    def step_ops(self) -> tuple[MemoryOp, ...]:
-        """Memory operations of every step: stream the non-resident layers."""
+    def step_ops(self, now: float = 0.0) -> tuple[MemoryOp, ...]:
+        """Memory operations of the next step: stream the non-resident layers (the same every step)."""
         return self._ops
+
+    def feedback(self, plan: StepPlan, result: StepResult, now: float) -> None:
+        """A static placement learns nothing from a step."""
 
     @property
     def offloading(self) -> bool:

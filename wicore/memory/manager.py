@@ -1,0 +1,187 @@
+"""HMT: hierarchical memory for model weights, GPU -> CPU -> NVMe.
+
+Weights are cut into blocks, one per (GPU shard, layer, parameter group):
+``attn`` (q/k/v/o projections and norms) and ``mlp`` (gate/up/down). Each GPU
+keeps a cache of blocks in the *hot* format (the model dtype), managed by a
+replacement policy (``wicore.memory.policies``: LRU, LFU, ARC, LRFU, A2CR); a
+block not on the GPU lives in host memory in the *warm* format (8-bit
+group-wise by default) or, when host memory is full, on NVMe in the *cold*
+format (4-bit group-wise). Every step reads every layer in order, so every
+block is accessed once per step:
+
+* a hit costs nothing;
+* a miss becomes a ``fetch`` op over the GPU's PCIe link (NVMe reads cross the
+  NVMe link too) of the block's *stored* bytes, with ``convert_bytes`` = its hot
+  size: the backend charges the dequantisation on the GPU as a pass over
+  those bytes, and the layer waits for the block (stall) when it has not
+  arrived in time;
+* the policy's victims are dropped from the GPU: weights are read-only and the
+  lower tier keeps its copy, so demotion moves no bytes.
+
+At load time blocks are placed in layer order: the GPU cache is filled first
+(through the policy), the rest go to host memory while it has room, then NVMe.
+
+Pure policy code: no simpy, no torch, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from wicore.errors import CapacityError, ConfigError
+from wicore.hal import GIB, HardwareSpec
+from wicore.memory.formats import Format, format_from_name
+from wicore.memory.placement import MemoryConfig, StaticPlacement
+from wicore.memory.policies.base import ReplacementPolicy
+from wicore.model.spec import ModelSpec
+from wicore.types import BlockRef, MemoryOp, StepPlan, StepResult
+
+
+@dataclass
+class TierStats:
+    """Accesses served by each tier (a GPU hit, or a miss fetched from cpu / nvme)."""
+
+    accesses: int = 0
+    served: dict[str, int] = field(default_factory=dict)
+    bytes_in: dict[str, int] = field(default_factory=dict)  # stored bytes moved from each tier
+
+    def hit_rates(self) -> dict[str, float]:
+        return {t: n / self.accesses for t, n in self.served.items()} if self.accesses else {}
+
+
+class TieredWeights(StaticPlacement):
+    """Weight blocks cached on each GPU by a replacement policy; KV budget as in StaticPlacement."""
+
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, gpus: list[int], tp: int, pp: int,
+                 cfg: MemoryConfig, policy_factory: Any, formats: Mapping[str, str],
+                 name: str = "replica0", record_blocks: int = 200_000) -> None:
+        super().__init__(model, hw, gpus, tp, pp, cfg, name)
+        self.formats: dict[str, Format] = {
+            tier: format_from_name(str(formats.get(tier, default)), f"memory.formats.{tier}")
+            for tier, default in (("gpu", model.dtype), ("cpu", "int8"), ("nvme", "int4"))}
+        self.hot = self.formats["gpu"]
+        self.stats = TierStats()
+        self.record_blocks = record_blocks
+        self.block_rows: dict[str, list[Any]] = {"time": [], "replica": [], "gpu": [], "layer": [],
+                                                 "group": [], "tier": []}
+        self._replica = int(name.removeprefix("replica")) if name.startswith("replica") else 0
+        groups = (("attn", model.attn_params_per_layer + model.norm_params_per_layer // 2),
+                  ("mlp", model.mlp_params_per_layer + model.norm_params_per_layer // 2))
+        self.blocks: list[tuple[int, int, str, int]] = []  # (gpu, layer, group, params of the shard)
+        for p in self.placements:
+            for layer in p.layers:
+                for group, params in groups:
+                    self.blocks.append((p.gpu, layer, group, params // tp))
+        host_room = int(hw.cpu.memory_bytes * cfg.host_memory_utilization) - int(cfg.swap_space_gib * GIB)
+        self.home: dict[tuple[int, int, str], str] = {}
+        self.policies: dict[int, ReplacementPolicy] = {}
+        for p in self.placements:
+            capacity = p.resident_weight_bytes + (cfg.stream_buffer_layers * (model.layer_bytes // tp)
+                                                  if p.streamed else 0)
+            if capacity < max(self.hot.nbytes(b[3]) for b in self.blocks):
+                raise CapacityError(f"memory: GPU {p.gpu} cannot hold one weight block; lower "
+                                    "memory.kv_min_gib or memory.workspace_gib")
+            self.policies[p.gpu] = policy_factory(capacity=capacity)
+        host_used = 0
+        for gpu, layer, group, params in self.blocks:
+            key = (gpu, layer, group)
+            out = self.policies[gpu].access(key, 0.0, self.hot.nbytes(params))
+            if out.admitted:
+                self._record(0.0, key, "gpu")
+            warm = self.formats["cpu"].nbytes(params)
+            if host_used + warm <= host_room:
+                self.home[key] = "cpu"
+                host_used += warm
+            else:
+                self.home[key] = "nvme"
+            for victim in out.evicted:
+                vkey = cast(tuple[int, int, str], victim)
+                self._record(0.0, vkey, self.home.get(vkey, "cpu"))
+        self.host_weight_bytes = host_used
+        self.nvme_weight_bytes = sum(self.formats["nvme"].nbytes(b[3]) for b in self.blocks
+                                     if self.home[(b[0], b[1], b[2])] == "nvme")
+        if self.nvme_weight_bytes > hw.nvme.capacity_bytes:
+            raise CapacityError(f"model: {model.name} does not fit {hw.name} in any tier "
+                                f"({self.nvme_weight_bytes / GIB:.1f} GiB left for NVMe)")
+
+    def _record(self, now: float, key: tuple[int, int, str], tier: str) -> None:
+        rows = self.block_rows
+        if len(rows["time"]) >= self.record_blocks:
+            return
+        gpu, layer, group = key
+        for k, v in (("time", now), ("replica", self._replica), ("gpu", gpu), ("layer", layer),
+                     ("group", group), ("tier", f"gpu{gpu}" if tier == "gpu" else tier)):
+            rows[k].append(v)
+
+    @property
+    def offloading(self) -> bool:
+        return True
+
+    def step_ops(self, now: float = 0.0) -> tuple[MemoryOp, ...]:
+        """Access every block in layer order; fetch the misses from their home tier."""
+        stats = self.stats
+        fetch: dict[tuple[int, str], list[tuple[BlockRef, int, int]]] = {}
+        for gpu, layer, group, params in self.blocks:
+            key = (gpu, layer, group)
+            hot = self.hot.nbytes(params)
+            out = self.policies[gpu].access(key, now, hot)
+            stats.accesses += 1
+            if out.hit:
+                stats.served["gpu"] = stats.served.get("gpu", 0) + 1
+                continue
+            src = self.home[key]
+            stored = self.formats[src].nbytes(params)
+            stats.served[src] = stats.served.get(src, 0) + 1
+            stats.bytes_in[src] = stats.bytes_in.get(src, 0) + stored
+            fetch.setdefault((gpu, src), []).append((BlockRef("weight", layer, group, device=gpu), stored, hot))
+            if out.admitted:
+                self._record(now, key, "gpu")
+            for victim in out.evicted:
+                vkey = cast(tuple[int, int, str], victim)
+                self._record(now, vkey, self.home[vkey])
+        ops = []
+        for (gpu, src), items in fetch.items():
+            ops.append(MemoryOp("fetch", src, f"gpu{gpu}", sum(s for _, s, _ in items), layer=items[0][0].layer,
+                                device=gpu, blocks=tuple(b for b, _, _ in items),
+                                convert_bytes=sum(h for _, _, h in items) if src != "gpu" else 0,
+                                block_bytes=tuple(s for _, s, _ in items)))
+        return tuple(ops)
+
+    def feedback(self, plan: StepPlan, result: StepResult, now: float) -> None:
+        """Weight blocks get no attention feedback; KV pages are not tiered yet."""
+
+    def resident_bytes(self, gpu: int) -> int:
+        return self.policies[gpu].used
+
+    def tier_usage(self, kv_pages_used: int, swap_pages_used: int = 0) -> dict[str, tuple[int, int]]:
+        usage: dict[str, tuple[int, int]] = {}
+        for p, pb in zip(self.placements, self.page_bytes_per_gpu):
+            used = self.policies[p.gpu].used + p.fixed_bytes + kv_pages_used * pb
+            if p.streamed:  # the stream buffer is part of the policy's cache here
+                used -= self.cfg.stream_buffer_layers * (self.model.layer_bytes // self.tp)
+            usage[f"gpu{p.gpu}"] = (used, p.capacity_bytes)
+        usage["cpu"] = (self.host_weight_bytes + swap_pages_used * self.page_bytes, self.hw.cpu.memory_bytes)
+        if self.nvme_weight_bytes:
+            usage["nvme"] = (self.nvme_weight_bytes, self.hw.nvme.capacity_bytes)
+        return usage
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(super().describe())
+        d.update({"manager": "hmt", "policy": type(next(iter(self.policies.values()))).__name__,
+                  "format_gpu": self.hot.name, "format_cpu": self.formats["cpu"].name,
+                  "format_nvme": self.formats["nvme"].name,
+                  "host_weights_gib": self.host_weight_bytes / GIB, "nvme_weights_gib": self.nvme_weight_bytes / GIB,
+                  "weight_blocks": len(self.blocks)})
+        return d
+
+
+def check_policy_params(name: str, params: Mapping[str, Any]) -> None:
+    """Reject obviously bad replacement-policy weights at start-up."""
+    weights = {k: v for k, v in params.items() if k.endswith("_weight")}
+    for k, v in weights.items():
+        if v < 0:
+            raise ConfigError(f"memory.{name}.{k}: must be >= 0, got {v}")
+    if weights and not any(weights.values()):
+        raise ConfigError(f"memory.{name}: all weights are zero; give at least one a positive value")
