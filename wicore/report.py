@@ -473,10 +473,10 @@ def write_report(run_dir: Path) -> Path:
                "in that tier's format) and bytes moved from each lower tier. Where every block lives over time: "
                "`blocks.parquet` (a row per change).", "",
                md_table(["Quantity", "Value (%, GB)"], mem_rows), ""]
-    links = summary.get("links")
-    if isinstance(links, dict) and links:
+    link_stats = summary.get("links")
+    if isinstance(link_stats, dict) and link_stats:
         link_rows = [[name, fmt(v.get("bytes", 0) / 1e9), fmt(v.get("busy_s")),
-                      fmt(100 * v.get("utilisation", 0))] for name, v in links.items()]
+                      fmt(100 * v.get("utilisation", 0))] for name, v in link_stats.items()]
         md += ["## Links", "", "Bytes moved and busy time per link (a link is busy while any transfer is on it; "
                "concurrent transfers share its bandwidth).", "",
                md_table(["Link", "Moved (GB)", "Busy (s)", "Busy (% of run)"], link_rows), ""]
