@@ -48,7 +48,7 @@ def compute_bounds(model: ModelSpec, hw: HardwareSpec, tp: int, pp: int, replica
     link_bw = hw.pcie.bandwidth_gbps * 1e9
     if hw.shared_upstream_gbps > 0:
         link_bw = min(link_bw, hw.shared_upstream_gbps * 1e9 / max(len(placement.placements), 1))
-    stream_s = max((p.streamed_bytes for p in placement.placements), default=0) / link_bw
+    stream_s = placement.stream_floor_s(link_bw)
 
     def step_s(items: list[BatchItem]) -> float:
         return max(cost.step(items).total_s, stream_s)

@@ -149,6 +149,30 @@ class TieredWeights(StaticPlacement):
                                 block_bytes=tuple(s for _, s, _ in items)))
         return tuple(ops)
 
+    def stream_floor_s(self, link_bytes_per_s: float) -> float:
+        """Least time per step to fetch what a GPU cannot keep: the best resident set keeps the
+        blocks that are dearest to fetch (NVMe-homed first), the rest come from their home tier
+        in its format (slowest GPU)."""
+        nvme_bw = min(link_bytes_per_s, self.hw.nvme.read_gbps * 1e9)
+        worst = 0.0
+        for p in self.placements:
+            cost = []  # (seconds to fetch, hot bytes) per block of this GPU
+            for gpu, layer, group, params in self.blocks:
+                if gpu != p.gpu:
+                    continue
+                home = self.home[(gpu, layer, group)]
+                bw = nvme_bw if home == "nvme" else link_bytes_per_s
+                cost.append((self.formats[home].nbytes(params) / bw, self.hot.nbytes(params)))
+            excess = sum(h for _, h in cost) - self.policies[p.gpu].capacity
+            t = 0.0
+            for sec, hot in sorted(cost):  # fetch the cheapest blocks, keep the dear ones resident
+                if excess <= 0:
+                    break
+                t += sec * min(1.0, excess / hot)
+                excess -= hot
+            worst = max(worst, t)
+        return worst
+
     def feedback(self, plan: StepPlan, result: StepResult, now: float) -> None:
         """Weight blocks get no attention feedback; KV pages are not tiered yet."""
 

@@ -154,6 +154,12 @@ class StaticPlacement:
     def feedback(self, plan: StepPlan, result: StepResult, now: float) -> None:
         """A static placement learns nothing from a step."""
 
+    def stream_floor_s(self, link_bytes_per_s: float) -> float:
+        """Least time per step to bring the weights a GPU cannot keep over its link (slowest GPU)."""
+        nvme = self.hw.nvme.read_gbps * 1e9
+        bw = min(link_bytes_per_s, nvme) if self.offload_tier == "nvme" else link_bytes_per_s
+        return max((p.streamed_bytes for p in self.placements), default=0) / bw
+
     @property
     def offloading(self) -> bool:
         return bool(self._ops)
