@@ -65,8 +65,26 @@ class SimBackend:
         self.gpus = gpus
         self.record_steps = record_steps  # keep op timings of the first N steps (trace.json)
         self._streams: dict[tuple[tuple[int, ...], tuple[int, ...]], _Stream] = {}
+        self._by_id: dict[int, tuple[MemoryOp, _Stream]] = {}
         # dequantising fetched blocks on the GPU: read the stored bytes, write the hot ones
         self.convert_bw = machine.spec.gpu.mem_bandwidth_gbps * 1e9 * machine.spec.gpu.bandwidth_efficiency
+
+    def _stream(self, op: MemoryOp) -> _Stream:
+        """The op's arrival profile; cached by identity for ops reused every step (the
+        held reference keeps the id from being recycled) and by content otherwise."""
+        hit = self._by_id.get(id(op))
+        if hit is not None and hit[0] is op:
+            return hit[1]
+        key = (tuple(b.layer for b in op.blocks), op.block_bytes)
+        st = self._streams.get(key)
+        if st is None:
+            if len(self._streams) > 512:
+                self._streams.clear()
+            st = self._streams[key] = _Stream(key[0], key[1], self.cost.model)
+        if len(self._by_id) > 512:
+            self._by_id.clear()
+        self._by_id[id(op)] = (op, st)
+        return st
 
     def _flow(self, op: MemoryOp) -> simpy.Event:
         m = self.machine
@@ -108,12 +126,7 @@ class SimBackend:
                              cost.global_layer_s + cost.comm_per_layer_s, 0.0))
             tail = cost.head_s + cost.pp_transfer_s
             for op, ev in streams:
-                key = (tuple(b.layer for b in op.blocks), op.block_bytes)
-                st = self._streams.get(key)
-                if st is None:
-                    if len(self._streams) > 512:
-                        self._streams.clear()
-                    st = self._streams[key] = _Stream(key[0], key[1], self.cost.model)
+                st = self._stream(op)
                 rec = cast(TransferRecord, ev.value)
                 coef[0] = rec.end - rec.first_byte
                 conv = 2 * op.convert_bytes / self.convert_bw if op.convert_bytes else 0.0
