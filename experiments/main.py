@@ -42,9 +42,10 @@ def task(cfg: DictConfig) -> float | None:
         sys.exit(2)
     s = summary
     log.info("%s | %s | %s: %.1f output tokens/s, TTFT p50 %.0f ms, TPOT p50 %.0f ms, %d/%d finished "
-             "(simulated %d requests in %.1f s wall)", s["run"]["hardware"], s["run"]["model"],
+             "(%s %d requests in %.1f s wall)", s["run"]["hardware"], s["run"]["model"],
              s["run"]["batching"], s["output_tokens_per_s"], s["ttft_p50"] * 1e3, s["tpot_p50"] * 1e3,
-             s["finished"], s["requests"], s["requests"], s["run"]["wall_s"])
+             s["finished"], s["requests"], "simulated" if s["run"]["backend"] == "sim" else "ran",
+             s["requests"], s["run"]["wall_s"])
     log.info("results in %s (report.md)", out)
     return float(s["output_tokens_per_s"])
 
