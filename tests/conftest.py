@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
 
 def make_cfg(*overrides: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
