@@ -81,10 +81,11 @@ def _randomize(model: Transformer) -> Transformer:
 def _prefill(model: Transformer, cache: KVCache, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill row i into slot i (one call per row); return first tokens [B] and their positions [B]."""
     firsts = []
+    dev = cache.device
     with torch.no_grad():
         for i, p in enumerate(prompts):
-            ids = torch.tensor([p])
-            logits = model(ids, torch.arange(len(p))[None], cache, torch.tensor([i]))
+            ids = torch.tensor([p], device=dev)
+            logits = model(ids, torch.arange(len(p), device=dev)[None], cache, torch.tensor([i], device=dev))
             assert isinstance(logits, torch.Tensor)
             firsts.append(int(logits[0, -1].argmax()))
     return torch.tensor(firsts), torch.tensor([len(p) for p in prompts])
