@@ -20,8 +20,8 @@ A step of one replica:
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any, cast
+from collections.abc import Generator, Sequence
+from typing import Any
 
 import numpy as np
 import simpy
@@ -66,6 +66,7 @@ class SimBackend:
         self.record_steps = record_steps  # keep op timings of the first N steps (trace.json)
         self._streams: dict[tuple[tuple[int, ...], tuple[int, ...]], _Stream] = {}
         self._by_id: dict[int, tuple[MemoryOp, _Stream]] = {}
+        self.book_uncontended = True  # exact event-free path for transfers that provably run alone
         # dequantising fetched blocks on the GPU: read the stored bytes, write the hot ones
         self.convert_bw = machine.spec.gpu.mem_bandwidth_gbps * 1e9 * machine.spec.gpu.bandwidth_efficiency
 
@@ -85,6 +86,28 @@ class SimBackend:
             self._by_id.clear()
         self._by_id[id(op)] = (op, st)
         return st
+
+    def _book_alone(self, ops: Sequence[MemoryOp]) -> list[tuple[MemoryOp, TransferRecord]] | None:
+        """Weight-streaming ops from host memory, one per GPU link, on idle links: book them
+        exactly without events (``Machine.reserve_h2d``). None when any op needs the flow model."""
+        devices = set()
+        for op in ops:
+            if op.op != "fetch" or op.src != "cpu" or not op.blocks or op.device in devices:
+                return None
+            devices.add(op.device)
+        m = self.machine
+        if m.upstream is not None:
+            return None
+        for op in ops:
+            link = m.gpus[op.device].link
+            if link.active or float(self.env.now) < link.reserved_until:
+                return None
+        booked = []
+        for op in ops:
+            rec = m.reserve_h2d(op.device, op.nbytes, op.op)
+            assert rec is not None
+            booked.append((op, rec))
+        return booked
 
     def _flow(self, op: MemoryOp) -> simpy.Event:
         m = self.machine
@@ -112,22 +135,31 @@ class SimBackend:
             if record:
                 result.ops.append(OpTiming("compute", f"gpu{self.gpus[0]}", t0, result.end, 0, cost.flops))
             return result
-        flows = [(op, self._flow(op)) for op in ops]
-        swap_in = [ev for op, ev in flows if op.op == "swap_in"]
-        if swap_in:  # the swapped-in KV must land before the step computes
-            yield env.all_of(swap_in)
-        start = float(env.now)
+        start = t0
         finish = start + compute
         compute_conv = 0.0
-        streams = [(op, ev) for op, ev in flows if op.blocks and op.op == "fetch"]
+        booked = self._book_alone(ops) if self.book_uncontended else None
+        streams: list[tuple[MemoryOp, TransferRecord]] = []
+        if booked is not None:  # uncontended weight streaming: exact, no flow events
+            flows: list[tuple[MemoryOp, Any]] = list(booked)
+            streams = booked
+        else:
+            flows = [(op, self._flow(op)) for op in ops]
+            swap_in = [ev for op, ev in flows if op.op == "swap_in"]
+            if swap_in:  # the swapped-in KV must land before the step computes
+                yield env.all_of(swap_in)
+            start = float(env.now)
+            finish = start + compute
+            pending = [(op, ev) for op, ev in flows if op.blocks and op.op == "fetch"]
+            if pending:
+                yield env.all_of([ev for _, ev in pending]) if len(pending) > 1 else pending[0][1]
+            streams = [(op, ev.value) for op, ev in pending]
         if streams:
-            yield env.all_of([ev for _, ev in streams]) if len(streams) > 1 else streams[0][1]
             coef = np.array((0.0, cost.local_layer_s + cost.comm_per_layer_s,
                              cost.global_layer_s + cost.comm_per_layer_s, 0.0))
             tail = cost.head_s + cost.pp_transfer_s
-            for op, ev in streams:
+            for op, rec in streams:
                 st = self._stream(op)
-                rec = cast(TransferRecord, ev.value)
                 coef[0] = rec.end - rec.first_byte
                 conv = 2 * op.convert_bytes / self.convert_bw if op.convert_bytes else 0.0
                 coef[3] = conv
@@ -137,17 +169,18 @@ class SimBackend:
         now = float(env.now)
         if finish > now:
             yield env.timeout(finish - now)
-        others = [ev for op, ev in flows if op.op != "swap_in" and not (op.op == "fetch" and op.blocks)]
-        if others:  # swap-outs / evictions / prefetches finish before the next step reuses the pages
-            yield env.all_of(others)
+        if booked is None:
+            others = [ev for op, ev in flows if op.op != "swap_in" and not (op.op == "fetch" and op.blocks)]
+            if others:  # swap-outs / evictions / prefetches finish before the next step reuses the pages
+                yield env.all_of(others)
+            flows = [(op, ev.value) for op, ev in flows]
         end = float(env.now)
         result.end = end
         result.compute_s = compute + compute_conv
         result.stall_s = max(0.0, end - t0 - compute - compute_conv)
         link_bytes = 0
         busy = 0.0
-        for op, ev in flows:
-            done = cast(TransferRecord, ev.value)
+        for op, done in flows:
             link_bytes += op.nbytes
             busy = max(busy, done.end - done.start)
             if record:

@@ -84,6 +84,7 @@ class Link:
         self.busy_time = 0.0
         self.active = 0  # flows currently moving bytes over this link
         self._busy_since = 0.0
+        self.reserved_until = -1.0  # an uncontended transfer booked without events (Machine.reserve_h2d)
         self._epoch = 0  # FlowNetwork scratch (a link belongs to one network)
         self._cap = 0.0
         self._n = 0
@@ -172,6 +173,9 @@ class FlowNetwork:
         self._flows.append(flow)
         alone = True
         for link in flow.path:
+            if now < link.reserved_until:
+                raise RuntimeError(f"link {link.name}: a flow starts at {now} while an uncontended transfer "
+                                   f"holds it until {link.reserved_until}; it must not be booked without events")
             if link.active == 0:
                 link._busy_since = now
             else:
@@ -444,6 +448,27 @@ class Machine:
     def _pageable_cap(self, pinned: bool) -> float | None:
         pcie = self.spec.pcie
         return None if pinned or pcie.pageable_bandwidth_gbps <= 0 else pcie.effective_bytes_per_s(False)
+
+    def reserve_h2d(self, gpu: int, nbytes: int, name: str = "") -> TransferRecord | None:
+        """Book a pinned host -> GPU copy without SimPy events when it provably runs alone:
+        its path is only ``pcie{gpu}`` (no shared upstream) and nothing is on that link. The
+        result is exact (latency + bytes / bandwidth, the link's counters updated); a flow that
+        tried to start on the link before the booking ends would raise. None: use ``h2d``."""
+        if self.upstream is not None:
+            return None
+        link = self._gpu(gpu).link
+        now = float(self.env.now)
+        if link.active or now < link.reserved_until:
+            return None
+        first = now + link.latency_s
+        end = first + nbytes / link.bytes_per_s
+        link.reserved_until = end
+        link.bytes_moved += nbytes
+        link.busy_time += end - first
+        if link.record:
+            link.records.append((first, end, nbytes, name))
+        self.net.completed += 1
+        return TransferRecord(name, (link.name,), nbytes, now, end, first)
 
     def h2d(self, gpu: int, nbytes: int, pinned: bool = True, name: str = "") -> simpy.Event:
         """Host -> GPU over ``pcie{gpu}`` (+ ``upstream``); pageable copies are rate-capped."""

@@ -62,3 +62,19 @@ def test_single_decode_step_equals_hand_roofline():
     head = max(2 * h * vocab / peak, (vocab * h * 2 + h * 2) / bw) + launch
     expected = layers * (gemm + attn + launch) + head
     assert abs(steps["duration"].iloc[1] - expected) / expected < 1e-9
+
+
+def test_event_free_booking_of_uncontended_streams_equals_the_flow_model():
+    """The backend books weight streams that run alone without SimPy flows; the
+    timings must equal those of the flow model to rounding."""
+    runs = []
+    for book in (True, False):
+        setup = build_sim(make_cfg("workload.num_requests=30", "workload.concurrency=8", "report.enabled=false"))
+        for b in setup.driver.backends:
+            b.book_uncontended = book
+        setup.driver.run()
+        runs.append(setup.recorder.frames()[1])
+    a, b = runs
+    assert len(a) == len(b) and a["link_bytes"].sum() > 0
+    assert np.allclose(a["duration"], b["duration"], rtol=1e-9, atol=1e-12)
+    assert np.allclose(a["stall_s"], b["stall_s"], rtol=1e-9, atol=1e-9)

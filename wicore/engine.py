@@ -139,6 +139,6 @@ class Engine:
         used = sched.pool.used_pages
         swapped = sched.swap_pool.used_pages if sched.swap_pool else 0
         self.recorder.step(plan, result, prefill, decode, used, len(sched.queue), len(sched.running))
-        if (used, swapped) != self._last_pages or self.placement.offloading and plan.memory_ops:
+        if (used, swapped) != self._last_pages or self.placement.usage_changes_every_step:
             self._last_pages = (used, swapped)
             self.recorder.tiers(t, self.replica, self.placement.tier_usage(used, swapped))

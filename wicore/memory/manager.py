@@ -119,6 +119,8 @@ class TieredWeights(StaticPlacement):
     def offloading(self) -> bool:
         return True
 
+    usage_changes_every_step = True  # the policy's resident set moves
+
     def step_ops(self, now: float = 0.0) -> tuple[MemoryOp, ...]:
         """Access every block in layer order; fetch the misses from their home tier."""
         stats = self.stats

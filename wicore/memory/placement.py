@@ -164,6 +164,8 @@ class StaticPlacement:
     def offloading(self) -> bool:
         return bool(self._ops)
 
+    usage_changes_every_step = False  # tier usage depends only on the pages in use
+
     def tier_usage(self, kv_pages_used: int, swap_pages_used: int = 0) -> dict[str, tuple[int, int]]:
         """Bytes used and capacity per tier, given the pages in use."""
         usage: dict[str, tuple[int, int]] = {}
