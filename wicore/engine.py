@@ -106,7 +106,8 @@ class Engine:
         prefill = decode = 0
         for item in plan.items:
             n = item.num_tokens
-            if item.phase is PREFILL:
+            is_prefill = item.phase is PREFILL
+            if is_prefill:
                 prefill += n
             else:
                 decode += n
@@ -114,7 +115,7 @@ class Engine:
             if seq is None or seq.status is not RUNNING:
                 continue  # cancelled while the step ran
             seq.kv_len += n
-            if item.phase is PREFILL:
+            if is_prefill:
                 seq.prefilled += n
             if not item.emits_token:
                 continue

@@ -58,6 +58,7 @@ class Recorder:
         self.tier_rows: dict[str, list[Any]] = {c: [] for c in TIER_COLUMNS}
         self.ops: list[tuple[int, int, str, str, float, float, int]] = []
         self.record_ops = record_ops
+        self._step_appends = [self.steps[c].append for c in STEP_COLUMNS]
         self._last_tiers: dict[tuple[int, str], int] = {}
 
     def request(self, seq: Sequence, replica: int) -> None:
@@ -85,13 +86,12 @@ class Recorder:
 
     def step(self, plan: StepPlan, result: StepResult, prefill: int, decode: int, kv_pages: int,
              waiting: int, running: int) -> None:
-        s = self.steps
         vals = (plan.step_id, plan.replica, result.start, result.end, result.end - result.start,
                 len(plan.items), prefill + decode, prefill, decode, result.compute_s, result.transfer_s,
                 result.stall_s, result.flops, result.hbm_bytes, result.link_bytes, kv_pages, waiting,
                 running, len(plan.preempted))
-        for c, v in zip(STEP_COLUMNS, vals):
-            s[c].append(v)
+        for append, v in zip(self._step_appends, vals):
+            append(v)
         if result.ops and len(self.ops) < self.record_ops:
             for op in result.ops:
                 self.ops.append((plan.step_id, plan.replica, op.name, op.resource, op.start, op.end, op.nbytes))
