@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import pytest
@@ -25,3 +24,14 @@ def make_cfg(*overrides: str) -> DictConfig:
 @pytest.fixture
 def cfg_factory():
     return make_cfg
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny matmuls are fastest single-threaded (and OpenMP spinning is pathological on a busy CI box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,12 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "conf" / "model" / "tiny-gemma3.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

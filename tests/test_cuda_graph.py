@@ -45,13 +45,7 @@ dtype: fp32
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> object:
-    """Tiny matmuls are fastest single-threaded (and OpenMP spinning is pathological on busy CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,7 @@ SPECS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> object:
-    """Tiny matmuls are fastest single-threaded (and OpenMP spinning is pathological on busy CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 
 from experiments.run import run_sim
 from experiments.run_torch import build_torch, run_torch
 from tests.conftest import make_cfg
 from wicore.runtime.driver import TorchDriver
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 TINY = ["model=tiny-gemma3", "workload.num_requests=12", "workload.concurrency=4",
         "workload.prompt.kind=uniform", "workload.prompt.low=5", "workload.prompt.high=40",
