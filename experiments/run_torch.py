@@ -93,7 +93,12 @@ def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[st
     if progress_bar:
         from tqdm import tqdm
         bar = tqdm(total=s.workload.n, unit="req", desc=f"running on {s.backend.device}", mininterval=0.5)
-    driver = TorchDriver(s.engine, s.backend, s.workload, s.t0, progress=bar.update if bar is not None else None)
+
+    def progress(n: int) -> None:
+        if bar is not None:
+            bar.update(n)
+
+    driver = TorchDriver(s.engine, s.backend, s.workload, s.t0, progress=progress)
     end = driver.run()
     if bar is not None:
         bar.close()
