@@ -10,6 +10,7 @@ import simpy
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sim.attention_model import SyntheticAttention
 from sim.backend import SimBackend
 from sim.cost_model import CostModel
 from sim.driver import SimDriver
@@ -127,7 +128,16 @@ def make_placement(cfg: DictConfig, model: ModelSpec, hw: HardwareSpec, gpus: li
         check_policy_params(policy, plain(mc[policy]))
     formats = {k: (model.dtype if v == "auto" else v) for k, v in plain(mc.formats).items()}
     factory = instantiate(mc.policies[policy])
-    return TieredWeights(model, hw, gpus, par.tp, par.pp, mem, factory, formats, name=name)
+    kv = mc.get("kv") or {}
+    kv_factory = None
+    if kv.get("tiering", False):
+        kv_policy = str(kv.get("policy") or policy)
+        if kv_policy not in mc.policies:
+            raise ConfigError(f"memory.kv.policy: unknown '{kv_policy}', use one of {sorted(mc.policies)}")
+        kv_factory = instantiate(mc.policies[kv_policy])
+    return TieredWeights(model, hw, gpus, par.tp, par.pp, mem, factory, formats, name=name,
+                         kv_policy_factory=kv_factory, kv_host_gib=float(kv.get("host_gib", 0.0)),
+                         kv_skip_below=float(kv.get("skip_below", 0.0)))
 
 
 def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
@@ -154,7 +164,12 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
         swap = PagePool(placement.host_swap_pages, placement.page_tokens, placement.page_bytes, "swap")
         scheduler = make_scheduler(cfg, model, pool, swap)
         engines.append(Engine(scheduler, placement, recorder, replica=r))
-        backends.append(SimBackend(env, machine, cost, gpus, record_steps=int(cfg.report.trace_steps)))
+        backend = SimBackend(env, machine, cost, gpus, record_steps=int(cfg.report.trace_steps))
+        if isinstance(placement, TieredWeights) and placement.kv is not None:
+            backend.attention = SyntheticAttention(model.num_layers, model.num_global_layers,
+                                                   model.sliding_window, placement.page_tokens,
+                                                   seed=int(cfg.seed))
+        backends.append(backend)
         placements.append(placement)
     balancer = pick(cfg.parallel.balancers, cfg.parallel.balancer, "parallel.balancer")
     max_time = cfg.get("max_time_s")

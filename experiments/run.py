@@ -98,6 +98,22 @@ def run_sim(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[str,
         }
         rows = {k: sum((m.block_rows[k] for m in managers), []) for k in managers[0].block_rows}
         pd.DataFrame(rows).to_parquet(out / "blocks.parquet", index=False, compression="zstd")
+        kvs = [m.kv for m in managers if m.kv is not None]
+        if kvs:
+            ks = [k.stats for k in kvs]
+            reads = sum(k.reads for k in ks)
+            queries = sum(k.decode_queries for k in ks)
+            extra["memory"].update({
+                "kv_page_reads": reads,
+                "kv_served_from_gpu": sum(k.gpu_hits for k in ks) / max(reads, 1),
+                "kv_pages_fetched": sum(k.fetched for k in ks),
+                "kv_pages_demoted": sum(k.demoted for k in ks),
+                "kv_page_reads_skipped": sum(k.skipped for k in ks),
+                "kv_skipped_mass_per_query": sum(k.skipped_mass for k in ks) / max(queries, 1),
+            })
+            kv_rows = {c: sum((k.rows[c] for k in ks), []) for c in ks[0].rows}
+            kv_rows["replica"] = sum(([i] * len(k.rows["time"]) for i, k in enumerate(ks)), [])
+            pd.DataFrame(kv_rows).to_parquet(out / "kv_pages.parquet", index=False, compression="zstd")
     return write_results(cfg, out, setup.recorder, hw, setup.model, setup.slo, end, run_info,
                          setup.placements[0].describe(), bounds, extra=extra)
 

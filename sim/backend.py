@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import simpy
 
+from sim.attention_model import SyntheticAttention
 from sim.cost_model import CostModel
 from sim.hardware import Machine, TransferRecord
 from wicore.model.spec import ModelSpec
-from wicore.types import MemoryOp, OpTiming, StepPlan, StepResult
+from wicore.types import BlockRef, MemoryOp, OpTiming, StepPlan, StepResult
 
 UPLOADS = ("fetch", "prefetch", "swap_in")
 
@@ -67,8 +68,20 @@ class SimBackend:
         self._streams: dict[tuple[tuple[int, ...], tuple[int, ...]], _Stream] = {}
         self._by_id: dict[int, tuple[MemoryOp, _Stream]] = {}
         self.book_uncontended = True  # exact event-free path for transfers that provably run alone
+        self.attention: SyntheticAttention | None = None  # set: report attention mass per KV page
         # dequantising fetched blocks on the GPU: read the stored bytes, write the hot ones
         self.convert_bw = machine.spec.gpu.mem_bandwidth_gbps * 1e9 * machine.spec.gpu.bandwidth_efficiency
+
+    def _attention_feedback(self, plan: StepPlan, result: StepResult) -> None:
+        """Attention mass per KV page of every decoding sequence, from the synthetic model."""
+        assert self.attention is not None
+        feedback = result.attention_mass
+        for it in plan.items:
+            if it.num_tokens != 1:
+                continue
+            masses = self.attention.masses(it.request_id, it.context_len + 1)
+            for page, m in enumerate(masses.tolist()):
+                feedback[BlockRef("kv", -1, seq=it.request_id, index=page)] = m
 
     def _stream(self, op: MemoryOp) -> _Stream:
         """The op's arrival profile; cached by identity for ops reused every step (the
@@ -127,6 +140,8 @@ class SimBackend:
         compute = cost.compute_s + cost.comm_s
         result = StepResult(plan.step_id, t0, t0, compute_s=compute, flops=cost.flops,
                             hbm_bytes=cost.hbm_bytes)
+        if self.attention is not None:
+            self._attention_feedback(plan, result)
         ops = plan.memory_ops
         record = plan.step_id <= self.record_steps
         if not ops:

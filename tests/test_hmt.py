@@ -67,3 +67,59 @@ def test_hmt_run_writes_block_residency_and_tier_stats(tmp_path):
 def test_bad_memory_config_fails_at_start_up(override, needle):
     with pytest.raises(ConfigError, match=needle):
         build_sim(make_cfg(*REF, *override.split()))
+
+
+# ----- KV pages in the tiers ----------------------------------------------------------------
+def test_kv_tiering_admits_more_and_attention_aware_policy_keeps_more_pages_on_gpu(tmp_path):
+    base = [*REF, "memory.kv.tiering=true", "workload.num_requests=24", "memory.kv_min_gib=0.3"]
+    static = build_sim(make_cfg(*REF, "workload.num_requests=24", "memory.kv_min_gib=0.3"))
+    tiered = build_sim(make_cfg(*base, "memory.policy=lfu"))
+    assert tiered.engines[0].scheduler.pool.num_pages > static.engines[0].scheduler.pool.num_pages
+    summaries = {p: run_sim(make_cfg(*base, f"memory.policy={p}"), tmp_path / p) for p in ("lru", "a2cr")}
+    for p, s in summaries.items():
+        mem = s["memory"]
+        assert 0 <= mem["kv_served_from_gpu"] <= 1
+        assert mem["kv_pages_fetched"] > 0, p  # the GPU holds fewer pages than are in use
+        assert (tmp_path / p / "kv_pages.parquet").exists()
+    assert summaries["a2cr"]["memory"]["kv_served_from_gpu"] > summaries["lru"]["memory"]["kv_served_from_gpu"]
+
+
+def test_sparse_attention_skips_low_mass_pages_and_reports_the_mass_left_out(tmp_path):
+    dense = run_sim(make_cfg(*REF, "memory.kv.tiering=true", "model.sliding_window=64"), tmp_path / "d")
+    sparse = run_sim(make_cfg(*REF, "memory.kv.tiering=true", "model.sliding_window=64",
+                              "memory.kv.skip_below=0.02"), tmp_path / "s")
+    assert dense["memory"]["kv_page_reads_skipped"] == 0
+    assert sparse["memory"]["kv_page_reads_skipped"] > 0
+    assert 0 < sparse["memory"]["kv_skipped_mass_per_query"] < 0.5
+    assert sparse["memory"]["kv_page_reads"] < dense["memory"]["kv_page_reads"]
+
+
+def test_synthetic_attention_model():
+    import numpy as np
+
+    from sim.attention_model import SyntheticAttention
+    att = SyntheticAttention(num_layers=6, num_global=1, window=32, page_tokens=16, seed=0)
+    m = att.masses(seq=7, kv_tokens=200)  # 13 pages
+    assert len(m) == 13 and abs(m.sum() - 1) < 1e-12 and (m >= 0).all()
+    # local layers (5 of 6) see only the last 32 tokens = 2 pages: older pages get global mass only
+    assert m[:-2].sum() <= 1 / 6 + 1e-12 and m[-2:].sum() >= 5 / 6
+    # the attention sink (page 0) is a heavy hitter: above the average old page
+    assert m[0] > np.mean(m[1:-2])
+    again = SyntheticAttention(num_layers=6, num_global=1, window=32, page_tokens=16, seed=0)
+    assert np.array_equal(again.masses(seq=7, kv_tokens=200), m)  # seeded
+
+
+def test_tiered_kv_unit_fetches_reads_not_writes_and_forgets_finished_sequences():
+    from wicore.memory.kv_tiers import TieredKV
+    from wicore.memory.policies.lru import LRUPolicy
+    from wicore.types import BatchItem, Phase
+
+    kv = TieredKV(LRUPolicy(capacity=4), gpu_pages=4, page_tokens=16, page_bytes_per_gpu=[100], gpus=[0],
+                  num_layers=2)
+    ops = kv.step_ops([BatchItem(1, Phase.PREFILL, 96, 0, True)], now=0.0)  # writes 6 pages, reads none
+    assert [op.op for op in ops] == ["evict"] and ops[0].nbytes == 2 * 100  # 2 pages demoted
+    ops = kv.step_ops([BatchItem(1, Phase.DECODE, 1, 96, True)], now=1.0)  # reads pages 0..5, writes 6
+    fetch = [op for op in ops if op.op == "fetch"]
+    assert fetch and fetch[0].nbytes % 100 == 0 and kv.stats.fetched >= 2
+    kv.release(1)
+    assert len(kv.policy) == 0 and not kv.on_host

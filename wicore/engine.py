@@ -69,6 +69,7 @@ class Engine:
 
     def _done(self, seq: Sequence) -> None:
         self.seqs.pop(seq.request_id, None)
+        self.placement.release(seq.request_id)
         self.recorder.request(seq, self.replica)
         if self.on_done is not None:
             self.on_done(seq)
@@ -82,7 +83,9 @@ class Engine:
             self._done(seq)
         if not out.items:
             return None
-        ops: list[MemoryOp] | tuple[MemoryOp, ...] = self.placement.step_ops(now)
+        for seq in out.preempted:
+            self.placement.release(seq.request_id)
+        ops: list[MemoryOp] | tuple[MemoryOp, ...] = self.placement.step_ops(now, out.items)
         if out.swap_out_pages or out.swap_in_pages:
             ops = list(ops)
             for g, gpb in zip(self.placement.gpus, self.placement.page_bytes_per_gpu):

@@ -467,11 +467,13 @@ def write_report(run_dir: Path) -> Path:
             md += [f"## {heading}", "", md_table(["Quantity", "Value"], rows), ""]
     mem = summary.get("memory")
     if isinstance(mem, dict) and mem:
-        mem_rows = [[_label(k), fmt(100 * v if k.startswith("served_from") else v)] for k, v in mem.items()]
+        pct = ("served_from", "kv_served_from")
+        mem_rows = [[_label(k), fmt(100 * v if k.startswith(pct) else v)] for k, v in mem.items()]
         md += ["## Tiered memory (weights)", "",
                "Share of weight-block accesses served by each tier (gpu = hit; cpu / nvme = fetched from there, "
                "in that tier's format) and bytes moved from each lower tier. Where every block lives over time: "
-               "`blocks.parquet` (a row per change).", "",
+               "`blocks.parquet` (a row per change); KV pages, when tiered: `kv_pages.parquet`. "
+               "`kv skipped mass per query` is the attention mass sparse attention left out (its error).", "",
                md_table(["Quantity", "Value (%, GB)"], mem_rows), ""]
     link_stats = summary.get("links")
     if isinstance(link_stats, dict) and link_stats:

@@ -33,10 +33,11 @@ from typing import Any, cast
 from wicore.errors import CapacityError, ConfigError
 from wicore.hal import GIB, HardwareSpec
 from wicore.memory.formats import Format, format_from_name
+from wicore.memory.kv_tiers import TieredKV
 from wicore.memory.placement import MemoryConfig, StaticPlacement
 from wicore.memory.policies.base import ReplacementPolicy
 from wicore.model.spec import ModelSpec
-from wicore.types import BlockRef, MemoryOp, StepPlan, StepResult
+from wicore.types import BatchItem, BlockRef, MemoryOp, StepPlan, StepResult
 
 
 @dataclass
@@ -56,8 +57,19 @@ class TieredWeights(StaticPlacement):
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, gpus: list[int], tp: int, pp: int,
                  cfg: MemoryConfig, policy_factory: Any, formats: Mapping[str, str],
-                 name: str = "replica0", record_blocks: int = 200_000) -> None:
+                 name: str = "replica0", record_blocks: int = 200_000, kv_policy_factory: Any = None,
+                 kv_host_gib: float = 0.0, kv_skip_below: float = 0.0) -> None:
         super().__init__(model, hw, gpus, tp, pp, cfg, name)
+        self.kv: TieredKV | None = None
+        if kv_policy_factory is not None:
+            if kv_host_gib <= 0:
+                raise ConfigError(f"memory.kv.host_gib: must be > 0 with KV tiering, got {kv_host_gib}")
+            if not 0 <= kv_skip_below < 1:
+                raise ConfigError(f"memory.kv.skip_below: must be in [0, 1), got {kv_skip_below}")
+            self.gpu_kv_pages = self.num_pages
+            self.kv = TieredKV(kv_policy_factory(capacity=self.num_pages), self.num_pages, self.page_tokens,
+                               self.page_bytes_per_gpu, gpus, model.num_layers, kv_skip_below)
+            self.num_pages += int(kv_host_gib * GIB) // max(self.page_bytes, 1)  # admission: GPU + host
         self.formats: dict[str, Format] = {
             tier: format_from_name(str(formats.get(tier, default)), f"memory.formats.{tier}")
             for tier, default in (("gpu", model.dtype), ("cpu", "int8"), ("nvme", "int4"))}
@@ -121,9 +133,11 @@ class TieredWeights(StaticPlacement):
 
     usage_changes_every_step = True  # the policy's resident set moves
 
-    def step_ops(self, now: float = 0.0) -> tuple[MemoryOp, ...]:
-        """Access every block in layer order; fetch the misses from their home tier."""
+    def step_ops(self, now: float = 0.0, items: list[BatchItem] | None = None) -> tuple[MemoryOp, ...]:
+        """Access every block in layer order; fetch the misses from their home tier (and the KV
+        pages the step reads that are in host memory, when KV tiering is on)."""
         stats = self.stats
+        plan_items = items
         fetch: dict[tuple[int, str], list[tuple[BlockRef, int, int]]] = {}
         for gpu, layer, group, params in self.blocks:
             key = (gpu, layer, group)
@@ -149,6 +163,8 @@ class TieredWeights(StaticPlacement):
                                 device=gpu, blocks=tuple(b for b, _, _ in items),
                                 convert_bytes=sum(h for _, _, h in items) if src != "gpu" else 0,
                                 block_bytes=tuple(s for _, s, _ in items)))
+        if self.kv is not None and plan_items:
+            ops += self.kv.step_ops(plan_items, now)
         return tuple(ops)
 
     def stream_floor_s(self, link_bytes_per_s: float) -> float:
@@ -176,19 +192,27 @@ class TieredWeights(StaticPlacement):
         return worst
 
     def feedback(self, plan: StepPlan, result: StepResult, now: float) -> None:
-        """Weight blocks get no attention feedback; KV pages are not tiered yet."""
+        """Attention mass per KV page goes to the KV policy (weight blocks get none)."""
+        if self.kv is not None:
+            self.kv.feedback(result, now)
+
+    def release(self, request_id: int) -> None:
+        if self.kv is not None:
+            self.kv.release(request_id)
 
     def resident_bytes(self, gpu: int) -> int:
         return self.policies[gpu].used
 
     def tier_usage(self, kv_pages_used: int, swap_pages_used: int = 0) -> dict[str, tuple[int, int]]:
         usage: dict[str, tuple[int, int]] = {}
+        gpu_pages = kv_pages_used if self.kv is None else self.kv.resident_pages
         for p, pb in zip(self.placements, self.page_bytes_per_gpu):
-            used = self.policies[p.gpu].used + p.fixed_bytes + kv_pages_used * pb
+            used = self.policies[p.gpu].used + p.fixed_bytes + gpu_pages * pb
             if p.streamed:  # the stream buffer is part of the policy's cache here
                 used -= self.cfg.stream_buffer_layers * (self.model.layer_bytes // self.tp)
             usage[f"gpu{p.gpu}"] = (used, p.capacity_bytes)
-        usage["cpu"] = (self.host_weight_bytes + swap_pages_used * self.page_bytes, self.hw.cpu.memory_bytes)
+        host_kv = (kv_pages_used - gpu_pages + swap_pages_used) * self.page_bytes
+        usage["cpu"] = (self.host_weight_bytes + host_kv, self.hw.cpu.memory_bytes)
         if self.nvme_weight_bytes:
             usage["nvme"] = (self.nvme_weight_bytes, self.hw.nvme.capacity_bytes)
         return usage

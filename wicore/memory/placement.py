@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from wicore.errors import CapacityError, ConfigError
 from wicore.hal import GIB, HardwareSpec
 from wicore.model.spec import ModelSpec
-from wicore.types import BlockRef, MemoryOp, StepPlan, StepResult
+from wicore.types import BatchItem, BlockRef, MemoryOp, StepPlan, StepResult
 
 ACT_BYTES = 2
 
@@ -147,9 +147,12 @@ class StaticPlacement:
                      blocks=tuple(BlockRef("weight", layer, "layer", device=p.gpu) for layer, _ in p.streamed))
             for p in self.placements if p.streamed)
 
-    def step_ops(self, now: float = 0.0) -> tuple[MemoryOp, ...]:
+    def step_ops(self, now: float = 0.0, items: list[BatchItem] | None = None) -> tuple[MemoryOp, ...]:
         """Memory operations of the next step: stream the non-resident layers (the same every step)."""
         return self._ops
+
+    def release(self, request_id: int) -> None:
+        """A sequence left the GPU (finished, aborted, preempted): forget its pages (nothing here)."""
 
     def feedback(self, plan: StepPlan, result: StepResult, now: float) -> None:
         """A static placement learns nothing from a step."""

@@ -123,7 +123,7 @@ class _Seq:
     tail: np.ndarray
 
 
-def _page_masses(rng: np.random.Generator, n: int, heavy: np.ndarray, recent: int,
+def page_masses(rng: np.random.Generator, n: int, heavy: np.ndarray, recent: int,
                  tail_w: np.ndarray) -> np.ndarray:
     """Attention mass of ``n`` pages in one step: 45% to the heavy hitters, 35% to
     the last ``recent`` pages, 20% spread over the rest by fixed long-tail weights
@@ -151,7 +151,7 @@ def kv_trace(num_seqs: int, pages_per_seq: int, steps: int, heavy_hitter_frac: f
     every ``tokens_per_page`` decode steps and finishes at ``pages_per_seq`` pages.
     Its heavy hitters are page 0 (the attention sink) plus ``heavy_hitter_frac``
     of its prompt pages, chosen at start. In each step (``step_time_s`` seconds)
-    the page masses follow ``_page_masses``: heavy hitters share 45%, the last
+    the page masses follow ``page_masses``: heavy hitters share 45%, the last
     ``recent_window_pages`` pages 35%, the long tail 20% (a Zipf-like fixed weight
     per page times log-normal noise). Attention is sparse: a page whose mass is
     below ``skip_frac / n`` (n: the sequence's pages) is not read that step, so
@@ -182,7 +182,7 @@ def kv_trace(num_seqs: int, pages_per_seq: int, steps: int, heavy_hitter_frac: f
         for s in sorted(active):
             seq = active[s]
             n = seq.pages
-            mass = _page_masses(rng, n, seq.heavy, recent_window_pages, seq.tail)
+            mass = page_masses(rng, n, seq.heavy, recent_window_pages, seq.tail)
             for p in np.flatnonzero(mass >= skip_frac / n):
                 out.append(Access(t, BlockRef("kv", -1, seq=s, index=int(p)), page_bytes, float(mass[p])))
             seq.tokens += 1
