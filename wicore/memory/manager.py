@@ -137,7 +137,6 @@ class TieredWeights(StaticPlacement):
         """Access every block in layer order; fetch the misses from their home tier (and the KV
         pages the step reads that are in host memory, when KV tiering is on)."""
         stats = self.stats
-        plan_items = items
         fetch: dict[tuple[int, str], list[tuple[BlockRef, int, int]]] = {}
         for gpu, layer, group, params in self.blocks:
             key = (gpu, layer, group)
@@ -157,14 +156,14 @@ class TieredWeights(StaticPlacement):
             for victim in out.evicted:
                 vkey = cast(tuple[int, int, str], victim)
                 self._record(now, vkey, self.home[vkey])
-        ops = []
-        for (gpu, src), items in fetch.items():
-            ops.append(MemoryOp("fetch", src, f"gpu{gpu}", sum(s for _, s, _ in items), layer=items[0][0].layer,
-                                device=gpu, blocks=tuple(b for b, _, _ in items),
-                                convert_bytes=sum(h for _, _, h in items) if src != "gpu" else 0,
-                                block_bytes=tuple(s for _, s, _ in items)))
-        if self.kv is not None and plan_items:
-            ops += self.kv.step_ops(plan_items, now)
+        ops: list[MemoryOp] = []
+        for (gpu, src), blocks in fetch.items():
+            ops.append(MemoryOp("fetch", src, f"gpu{gpu}", sum(s for _, s, _ in blocks), layer=blocks[0][0].layer,
+                                device=gpu, blocks=tuple(b for b, _, _ in blocks),
+                                convert_bytes=sum(h for _, _, h in blocks) if src != "gpu" else 0,
+                                block_bytes=tuple(s for _, s, _ in blocks)))
+        if self.kv is not None and items:
+            ops += self.kv.step_ops(items, now)
         return tuple(ops)
 
     def stream_floor_s(self, link_bytes_per_s: float) -> float:
