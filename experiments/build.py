@@ -165,6 +165,11 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
         scheduler = make_scheduler(cfg, model, pool, swap)
         engines.append(Engine(scheduler, placement, recorder, replica=r))
         backend = SimBackend(env, machine, cost, gpus, record_steps=int(cfg.report.trace_steps))
+        lookahead = cfg.memory.get("lookahead")
+        if lookahead is not None:
+            if int(lookahead) < 1:
+                raise ConfigError(f"memory.lookahead: must be >= 1 layer or null, got {lookahead}")
+            backend.lookahead = int(lookahead)
         if isinstance(placement, TieredWeights) and placement.kv is not None:
             backend.attention = SyntheticAttention(model.num_layers, model.num_global_layers,
                                                    model.sliding_window, placement.page_tokens,

@@ -78,3 +78,24 @@ def test_event_free_booking_of_uncontended_streams_equals_the_flow_model():
     assert len(a) == len(b) and a["link_bytes"].sum() > 0
     assert np.allclose(a["duration"], b["duration"], rtol=1e-9, atol=1e-12)
     assert np.allclose(a["stall_s"], b["stall_s"], rtol=1e-9, atol=1e-9)
+
+
+def test_fetch_lookahead_gates_streaming():
+    """A lookahead covering every layer reproduces the unbounded closed form; a
+    one-layer lookahead can only be slower; zero is refused."""
+    import pytest
+
+    from wicore.errors import ConfigError
+
+    def steps(*o: str):
+        setup = build_sim(make_cfg("workload.num_requests=12", "workload.concurrency=4", "report.enabled=false", *o))
+        setup.driver.run()
+        return setup.recorder.frames()[1]
+
+    free = steps()
+    wide = steps("memory.lookahead=64")
+    tight = steps("memory.lookahead=1")
+    assert np.allclose(free["duration"], wide["duration"], rtol=1e-9)
+    assert tight["duration"].sum() >= free["duration"].sum() * (1 - 1e-9)
+    with pytest.raises(ConfigError, match="memory.lookahead"):
+        steps("memory.lookahead=0")
