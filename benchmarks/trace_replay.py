@@ -1,6 +1,9 @@
 """Replay cache traces through every replacement policy at several tier sizes.
 
-Three traces (see ``wicore.memory.trace``): (a) the weight blocks of Gemma-3-27B
+Four traces: (a0) ``weight (sim)``: the weight-block accesses of GPU 0 recorded
+from a simulated Gemma-3-27B reference run on 2x T10 with ``memory=hmt`` (every
+step reads every layer in order: a pure cyclic scan); (see ``wicore.memory.trace``
+for the rest) (a) the weight blocks of Gemma-3-27B
 read by decode passes, some of them early-exit drafts (sizes in bytes); (b) KV
 pages of a batch of decoding sequences with heavy-hitter attention (pages of
 ``tokens_per_page`` tokens of Gemma-3-27B KV, attention mass fed to the policies);
@@ -44,10 +47,30 @@ def load_spec() -> ModelSpec:
     return ModelSpec.from_config(cfg)
 
 
+def simulated_weight_trace(requests: int) -> list[Access]:
+    """The weight-block accesses of GPU 0 recorded from a simulated reference run
+    (Gemma-3-27B on 2x T10, memory=hmt): every step reads every layer in order."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.build import build_sim
+    from wicore.memory.manager import TieredWeights
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["memory=hmt", "memory.policy=lru", f"workload.num_requests={requests}",
+                                           "workload.concurrency=8", "report.enabled=false"])
+    setup = build_sim(cfg)
+    manager = setup.placements[0]
+    assert isinstance(manager, TieredWeights)
+    manager.access_log = []
+    setup.driver.run()
+    return [Access(t, key, size) for t, key, size in manager.access_log if key[0] == 0]
+
+
 def build_traces(spec: ModelSpec, quick: bool) -> dict[str, list[Access]]:
     tokens_per_page = 8
     page_bytes = int(spec.kv_bytes_per_token() * tokens_per_page)
     return {
+        "weight (sim)": simulated_weight_trace(2 if quick else 6),
         "weight": weight_trace(spec, steps=40 if quick else 200, seed=0),
         "kv": kv_trace(num_seqs=12 if quick else 32, pages_per_seq=64, steps=200 if quick else 800,
                        max_active=6 if quick else 16, tokens_per_page=tokens_per_page,

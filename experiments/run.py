@@ -48,14 +48,14 @@ def target_rows(summary: dict[str, float], b: Bounds) -> list[dict[str, Any]]:
     return [
         {"target": "Throughput", "goal": "100–150 tokens/s", "unit": "tokens/s", "value": tput,
          "bound": b.throughput_tok_s, "met": tput >= lo_t, "bound_met": b.throughput_tok_s >= lo_t,
-         "note": f"output tokens/s; bound at batch {b.best_batch}, decode step >= {b.decode_step_s * 1e3:.1f} ms"
+         "note": f"output tokens/s; roofline at batch {b.best_batch} (the most the KV pool holds at mean lengths), decode step >= {b.decode_step_s * 1e3:.1f} ms"
                  + (f", weight streaming >= {b.stream_s * 1e3:.0f} ms per step" if b.stream_s else "")},
         {"target": "First-token latency", "goal": "50–100 ms", "unit": "ms", "value": ttft,
          "bound": b.ttft_s * 1e3, "met": ttft <= hi_ttft, "bound_met": b.ttft_s * 1e3 <= hi_ttft,
          "note": "p50 TTFT incl. queueing; bound = median prompt prefilled alone at datasheet peak"},
         {"target": "Concurrent requests", "goal": "16–32", "unit": "requests", "value": conc,
          "bound": b.concurrency, "met": conc >= lo_c, "bound_met": b.concurrency >= lo_c,
-         "note": "mean sequences running at once (per step); bound = KV pool / mean request length"},
+         "note": "mean sequences running at once (per step); limit = KV pool / mean request length (an estimate at mean lengths, not strict: shorter requests fit more)"},
         {"target": "Memory utilisation", "goal": "> 85%", "unit": "%", "value": util * 100,
          "bound": b.memory_utilisation * 100, "met": util > mem, "bound_met": b.memory_utilisation > mem,
          "note": "time-weighted mean of used / capacity over the GPUs; bound = usable fraction"},

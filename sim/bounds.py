@@ -2,13 +2,17 @@
 
 The same cost model as the simulator with every efficiency factor set to 1
 and no launch overhead, plus the weight-streaming floor when weights are
-offloaded (every step must move the streamed bytes over PCIe). These are
-bounds no schedule can beat on that hardware with that placement:
+offloaded (every step must move the streamed bytes over PCIe). For the mean
+request of the workload, no schedule beats them on that hardware with that
+placement (a workload whose requests vary in length can run a few more
+sequences at once than the mean-length estimate below, so the throughput and
+concurrency figures are estimates at the mean, not strict bounds):
 
 * first-token latency >= prefill of the median prompt alone;
 * throughput <= B * O / (t_prefill(B prompts) + O * t_decode(B)) for the
   largest batch B the KV pool holds (at the workload's mean lengths);
-* concurrency <= KV pool tokens / (mean prompt + mean output);
+* concurrency ~ KV pool tokens / (mean prompt + mean output) (an estimate at the
+  mean lengths, not a strict bound: a mix of short requests fits more);
 * memory utilisation <= the fraction of GPU memory the engine may use.
 """
 

@@ -61,6 +61,7 @@ class TieredWeights(StaticPlacement):
                  kv_host_gib: float = 0.0, kv_skip_below: float = 0.0) -> None:
         super().__init__(model, hw, gpus, tp, pp, cfg, name)
         self.kv: TieredKV | None = None
+        self.access_log: list[tuple[float, tuple[int, int, str], int]] | None = None  # set to [] to record
         if kv_policy_factory is not None:
             if kv_host_gib <= 0:
                 raise ConfigError(f"memory.kv.host_gib: must be > 0 with KV tiering, got {kv_host_gib}")
@@ -141,6 +142,8 @@ class TieredWeights(StaticPlacement):
         for gpu, layer, group, params in self.blocks:
             key = (gpu, layer, group)
             hot = self.hot.nbytes(params)
+            if self.access_log is not None:
+                self.access_log.append((now, key, hot))
             out = self.policies[gpu].access(key, now, hot)
             stats.accesses += 1
             if out.hit:
