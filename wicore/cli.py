@@ -6,6 +6,7 @@
     wicore probe [--measure]                  describe this machine's devices
     wicore report RUN_DIR                     (re)write a run's report.md and plots
     wicore sweep-summary SWEEP_DIR            (re)write a sweep's summary
+    wicore serve --checkpoint D | --backend sim [overrides]   OpenAI-compatible server
 """
 
 from __future__ import annotations
@@ -58,8 +59,13 @@ def _verify(argv: list[str]) -> int:
     return verify_main(argv)
 
 
+def _serve(argv: list[str]) -> int:
+    from wicore.server.cli import main as serve_main
+    return serve_main(argv)
+
+
 COMMANDS = {"run": _run, "checkpoint": _checkpoint, "verify": _verify, "probe": _probe,
-            "report": _report, "sweep-summary": _sweep}
+            "report": _report, "sweep-summary": _sweep, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:
