@@ -4,7 +4,7 @@ result schema as the simulator, on the device torch gives us."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     import torch
 
     from wicore.devices import probe
-    from wicore.model.checkpoint import load_checkpoint
+    from wicore.model.checkpoint import load_checkpoint, spec_from_checkpoint
     from wicore.model.kv_cache import KVCache
     from wicore.model.transformer import build_model, to_torch_dtype
     from wicore.runtime.backend import TorchBackend
@@ -55,19 +55,36 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("backend.device=cuda but torch sees no CUDA device; use backend.device=cpu")
     hw = probe(measure=False)
+    budget = bc.get("gpu_budget_gib")
+    if budget is not None:  # emulate a smaller GPU (e.g. a 16 GB T10 on an 80 GB card)
+        if float(budget) <= 0:
+            raise ConfigError(f"backend.gpu_budget_gib: must be > 0 (or null), got {budget}")
+        hw = replace(hw, gpu=replace(hw.gpu, memory_gib=float(budget)))
     data = plain(cfg.model)
     if data.get("dtype", "auto") == "auto":
         data["dtype"] = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     if cfg.get("checkpoint"):
-        model, spec = load_checkpoint(str(cfg.checkpoint), device=device, dtype=to_torch_dtype(data["dtype"]))
+        spec = spec_from_checkpoint(str(cfg.checkpoint), data["dtype"])
     else:
         spec = ModelSpec.from_config(data)
-        model = build_model(spec, device=device, dtype=spec.dtype, seed=int(cfg.seed))
     mem = MemoryConfig(**{k: v for k, v in plain(cfg.memory).items() if k in MemoryConfig.__dataclass_fields__})
-    placement = StaticPlacement(spec, hw, [0], 1, 1, mem)
+    placement = StaticPlacement(spec, hw, [0], 1, 1, mem)  # decides before anything is allocated
+    if placement.offload_tier == "nvme":
+        raise ConfigError(f"backend=torch: {placement.offloaded_bytes / 2**30:.1f} GiB of weights must be offloaded, "
+                          "more than host memory holds (memory.host_memory_utilization, memory.swap_space_gib); "
+                          "the NVMe tier is not implemented on the real runtime: raise backend.gpu_budget_gib")
+    home = torch.device("cpu") if placement.offloading else device  # streamed layers stay on the host
+    if cfg.get("checkpoint"):
+        model, spec = load_checkpoint(str(cfg.checkpoint), device=home, dtype=to_torch_dtype(data["dtype"]))
+    else:
+        model = build_model(spec, device=home, dtype=spec.dtype, seed=int(cfg.seed))
+    streamer = None
     if placement.offloading:
-        raise ConfigError("backend=torch: the model does not fit the device budget and weight streaming is "
-                          "not implemented on the real runtime yet")
+        from wicore.runtime.offload import offload_model
+
+        streamed = [layer for layer, _ in placement.placements[0].streamed]
+        streamer = offload_model(model, streamed, device, host_format=str(bc.get("host_format") or "auto"),
+                                 buffers=mem.stream_buffer_layers, lookahead=mem.stream_buffer_layers - 1)
     slots = int(cfg.scheduler.max_num_seqs)
     max_len = min(int(bc.max_len), spec.max_context)
     cache = KVCache(spec, slots, max_len, device=device, dtype=to_torch_dtype(spec.dtype))
@@ -79,8 +96,14 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     recorder = Recorder()
     engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder)
     t0 = time.perf_counter()
-    backend = TorchBackend(model, cache, t0, seed=int(cfg.seed), measure_attention=bool(bc.measure_attention),
-                           page_tokens=mem.page_tokens)
+    kw: dict[str, Any] = {"seed": int(cfg.seed), "measure_attention": bool(bc.measure_attention),
+                          "page_tokens": mem.page_tokens}
+    if streamer is None:
+        backend = TorchBackend(model, cache, t0, **kw)
+    else:
+        from wicore.runtime.offload import StreamingTorchBackend
+
+        backend = StreamingTorchBackend(model, cache, t0, streamer=streamer, **kw)
     return TorchSetup(engine, backend, workload, recorder, hw, spec, placement, t0)
 
 
