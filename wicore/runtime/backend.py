@@ -13,9 +13,10 @@ workload runs on both backends. Attention mass per KV page of every decoding
 request is measured and returned in ``StepResult.attention_mass`` (the A2CR
 feedback field) when ``measure_attention`` is on.
 
-Memory ops: on this backend the whole model and its KV cache are resident on
-one device; plans that ask for weight streaming between tiers are rejected at
-start-up (tiered placement for the real runtime is future work).
+Memory ops: this class runs with every weight resident on the device and
+rejects plans that stream weights; with offloading, ``experiments.run_torch``
+uses ``wicore.runtime.offload.StreamingTorchBackend``, which streams the layers
+the placement names from pinned host memory.
 """
 
 from __future__ import annotations
