@@ -31,13 +31,11 @@ exists, 1 when a section failed (its error text is in results.json; the other se
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -50,6 +48,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.harness import Harness, fmt, free_memory, lookup, match_stats, sync  # noqa: E402
 from wicore.model.checkpoint import expected_tensors, hf_config, load_spec_file, param_name  # noqa: E402
 from wicore.model.kv_cache import KVCache  # noqa: E402
 from wicore.model.spec import ModelSpec  # noqa: E402
@@ -65,7 +64,9 @@ LLAMA31_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor":
 BW_CONVENTION = ("copy bandwidth counts read + write bytes (2 x tensor size); decode bandwidth counts bytes "
                  "read per step (weights incl. full LM head + B embedding rows, plus K and V of the full "
                  "max_len cache buffer of every layer and row); writes (new K/V, logits) are not counted")
-_T0 = time.perf_counter()
+H = Harness("gpu_decode")
+log = H.log
+section = H.section
 
 
 # ----- pure helpers (unit-tested) --------------------------------------------------------------
@@ -91,38 +92,6 @@ def decode_bytes_per_step(spec: ModelSpec, batch: int, kv_len: int, weight_bytes
 
 def tokens_per_s(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else float("nan")
-
-
-def match_stats(ours: list[int], ref: list[int], n: int) -> dict[str, int]:
-    """Compare the first ``n`` tokens: how many positions agree, and the length of the common prefix."""
-    a, b = ours[:n], ref[:n]
-    m = min(len(a), len(b))
-    prefix = next((i for i in range(m) if a[i] != b[i]), m)
-    return {"compared": m, "matching": sum(1 for i in range(m) if a[i] == b[i]), "prefix": prefix}
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, float):
-        if value != value:  # nan
-            return "nan"
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e6 else f"{value:,.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def lookup(results: dict[str, Any], path: str) -> Any:
-    """``results["a"]["b"]`` for path "a.b"; "error: ..." if a section on the way failed, None if absent."""
-    node: Any = results
-    for key in path.split("."):
-        if isinstance(node, dict) and "error" in node and key not in node:
-            return f"error: {str(node['error'])[:80]}"
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
 
 
 TABLE: list[tuple[str, str]] = [
@@ -184,15 +153,6 @@ def markdown_table(rows: list[tuple[str, str]]) -> str:
 
 
 # ----- timing / plumbing -------------------------------------------------------------------------
-def log(msg: str) -> None:
-    print(f"[gpu_decode {time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds ``fn`` takes on the device (CUDA events around it; wall clock on the CPU)."""
     if device.type == "cuda":
@@ -214,27 +174,6 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int, wa
         fn()
     times = [timed(fn, device) for _ in range(max(1, repeats))]
     return statistics.median(times), times
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-@contextmanager
-def section(results: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
-    """Run one benchmark section; an exception is recorded as ``results[name]["error"]``."""
-    out: dict[str, Any] = results.setdefault(name, {})
-    log(f"== {name}")
-    t0 = time.perf_counter()
-    try:
-        yield out
-    except Exception as exc:  # noqa: BLE001 - a failing section must not stop the others
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        out["traceback"] = traceback.format_exc()
-        log(f"{name} FAILED: {out['error']}")
-    out["section_s"] = round(time.perf_counter() - t0, 2)
 
 
 @contextmanager
@@ -477,8 +416,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _T0
-    _T0 = time.perf_counter()
+    H.restart()
     args = parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print(NO_GPU_MESSAGE, flush=True)
@@ -574,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                          ours_b1, ours_logits_row0, results.get("batch32", {}))
             free_memory(device)  # the HF model is gone with bench_hf's frame
     finally:
-        meta["total_s"] = time.perf_counter() - _T0
+        meta["total_s"] = H.elapsed()
         if device.type == "cuda":
             meta["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / GIB
         failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]

@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import inspect
 import json
 import platform
 import statistics
 import sys
 import time
-import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -49,6 +47,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.harness import Harness, fmt, lookup, match_stats, sync  # noqa: E402
+from benchmarks.harness import free_memory as free  # noqa: E402
 from wicore.devices import probe  # noqa: E402
 from wicore.hal import GIB  # noqa: E402
 from wicore.memory.placement import MemoryConfig, StaticPlacement  # noqa: E402
@@ -60,7 +60,9 @@ from wicore.runtime.offload import offload_model  # noqa: E402
 
 GB = 1e9
 NO_GPU = "gpu_offload: no CUDA device available (torch.cuda.is_available() is False); nothing to benchmark, exiting 0."
-_T0 = time.perf_counter()
+H = Harness("gpu_offload")
+log = H.log
+section = H.section
 
 
 # ----- pure helpers (unit-tested) ------------------------------------------------------------------
@@ -103,35 +105,6 @@ def module_device(device_map: dict[str, Any], name: str) -> str:
     return "unmapped"
 
 
-def match_stats(a: list[int], b: list[int]) -> dict[str, int]:
-    m = min(len(a), len(b))
-    prefix = next((i for i in range(m) if a[i] != b[i]), m)
-    return {"compared": m, "matching": sum(1 for i in range(m) if a[i] == b[i]), "prefix": prefix}
-
-
-def fmt(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if v != v else (f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e6 else f"{v:,.3f}")
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, dict) and "matching" in v:
-        return f"{v['matching']}/{v['compared']} (common prefix {v['prefix']})"
-    return str(v)
-
-
-def lookup(results: dict[str, Any], path: str) -> Any:
-    node: Any = results
-    for key in path.split("."):
-        if isinstance(node, dict) and "error" in node and key not in node:
-            return f"error: {str(node['error'])[:80]}"
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 ROWS = [("device", "meta.device"), ("large model @ GPU budget", "meta.large"), ("small model @ GPU budget", "meta.small"),
         ("pinned H2D copy, GB/s (median of 5)", "copy.pinned_GBps"),
         ("pageable H2D copy, GB/s (median of 5)", "copy.pageable_GBps")]
@@ -161,40 +134,6 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 # ----- plumbing ------------------------------------------------------------------------------------
-def log(msg: str) -> None:
-    print(f"[gpu_offload {time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device: torch.device) -> None:
-    """Give GPU memory and cached pinned host memory back (pin_memory blocks stay cached otherwise)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        empty_host = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-                      or getattr(torch._C, "_host_emptyCache", None))
-        with contextlib.suppress(Exception):
-            empty_host()  # type: ignore[misc]
-
-
-@contextlib.contextmanager
-def section(results: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
-    out: dict[str, Any] = results.setdefault(name, {})
-    log(f"== {name}")
-    t0 = time.perf_counter()
-    try:
-        yield out
-    except Exception as exc:  # noqa: BLE001 - one failing section must not stop the others
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        out["traceback"] = traceback.format_exc()
-        log(f"{name} FAILED: {out['error']}")
-    out["section_s"] = round(time.perf_counter() - t0, 2)
-
-
 def bench_copy(out: dict[str, Any], device: torch.device, nbytes: int, repeats: int = 5) -> None:
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     for pinned in (True, False):
@@ -423,8 +362,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _T0
-    _T0 = time.perf_counter()
+    H.restart()
     args = parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print(NO_GPU, flush=True)
@@ -470,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             prev = lookup(results, "accelerate_small.section_s")
             if size == "large" and isinstance(prev, float):
                 est = 2.4 * prev + 60  # 27B moves ~2.4x the bytes of 12B per token, + building 54 GB
-                if time.perf_counter() - _T0 + est > args.max_s:
+                if H.elapsed() + est > args.max_s:
                     results["accelerate_large"] = {"skipped": f"estimated {est:.0f} s would exceed --max-s"}
                     log(results["accelerate_large"]["skipped"])
                     continue
@@ -479,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.baseline_tokens, args.seed, ours[size])
             free(device)
     finally:
-        meta["total_s"] = time.perf_counter() - _T0
+        meta["total_s"] = H.elapsed()
         failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
         meta["failed_sections"] = failed
         write(results, args.out)
