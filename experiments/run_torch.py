@@ -73,6 +73,16 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         raise ConfigError(f"backend=torch: {placement.offloaded_bytes / 2**30:.1f} GiB of weights must be offloaded, "
                           "more than host memory holds (memory.host_memory_utilization, memory.swap_space_gib); "
                           "the NVMe tier is not implemented on the real runtime: raise backend.gpu_budget_gib")
+    slots = int(cfg.scheduler.max_num_seqs)
+    max_len = min(int(bc.max_len), spec.max_context)
+    workload = load_workload(cfg, spec)
+    if workload.max_total_tokens() > max_len:
+        raise ConfigError(f"workload: a request can reach {workload.max_total_tokens()} tokens but a KV slot "
+                          f"holds backend.max_len={max_len}; raise backend.max_len or shorten the workload")
+    if not cfg.get("checkpoint") and spec.weight_bytes > 0.5 * hw.cpu.memory_bytes:
+        raise ConfigError(f"model={spec.name}: random weights for {spec.weight_bytes / 2**30:.0f} GiB would not fit "
+                          f"this host's {hw.cpu.dram_gib:.0f} GiB; give checkpoint=<dir> or a small spec "
+                          "(model=tiny-gemma3)")
     home = torch.device("cpu") if placement.offloading else device  # streamed layers stay on the host
     if cfg.get("checkpoint"):
         model, spec = load_checkpoint(str(cfg.checkpoint), device=home, dtype=to_torch_dtype(data["dtype"]))
@@ -85,14 +95,8 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         streamed = [layer for layer, _ in placement.placements[0].streamed]
         streamer = offload_model(model, streamed, device, host_format=str(bc.get("host_format") or "auto"),
                                  buffers=mem.stream_buffer_layers, lookahead=mem.stream_buffer_layers - 1)
-    slots = int(cfg.scheduler.max_num_seqs)
-    max_len = min(int(bc.max_len), spec.max_context)
     cache = KVCache(spec, slots, max_len, device=device, dtype=to_torch_dtype(spec.dtype))
     pool = PagePool(slots * max_len // mem.page_tokens, mem.page_tokens, placement.page_bytes)
-    workload = load_workload(cfg, spec)
-    if workload.max_total_tokens() > max_len:
-        raise ConfigError(f"workload: a request can reach {workload.max_total_tokens()} tokens but a KV slot "
-                          f"holds backend.max_len={max_len}; raise backend.max_len or shorten the workload")
     recorder = Recorder()
     engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder)
     t0 = time.perf_counter()

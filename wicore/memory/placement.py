@@ -136,7 +136,7 @@ class StaticPlacement:
                 f"memory.offload_to=cpu: {self.offloaded_bytes / GIB:.1f} GiB of weights to offload but host "
                 f"memory holds {host_cap / GIB:.1f} GiB; use memory.offload_to=nvme or a larger host")
         if where == "nvme" and self.offloaded_bytes > hw.nvme.capacity_bytes:
-            short = (self.offloaded_bytes - hw.nvme.capacity_bytes - host_cap) / GIB
+            short = (self.offloaded_bytes - hw.nvme.capacity_bytes) / GIB
             raise CapacityError(
                 f"model: {model.name} ({model.weight_bytes / GIB:.1f} GiB in {model.dtype}) does not fit "
                 f"{hw.name} in any tier: {short:.1f} GiB short; use a smaller model or dtype, or bigger hardware")
