@@ -106,7 +106,7 @@ def test_non_finite_rejected() -> None:
 @pytest.mark.parametrize("shape", [(33,), (5, 64), (2, 3, 17), (0,)])
 def test_numpy_and_torch_produce_identical_bytes(name: str, shape: tuple[int, ...]) -> None:
     torch = pytest.importorskip("torch")
-    from wicore.memory.formats import dequantize_torch, quantize_torch
+    from wicore.model.quant import dequantize_torch, quantize_torch
 
     x = _normal(shape, seed=5) * np.float32(7.0)
     if x.size:

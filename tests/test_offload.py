@@ -15,9 +15,10 @@ import torch  # noqa: E402
 
 from tests.conftest import make_cfg  # noqa: E402
 from wicore.hal import GIB  # noqa: E402
-from wicore.memory.formats import FORMATS, dequantize_torch, quantize_torch  # noqa: E402
+from wicore.memory.formats import FORMATS  # noqa: E402
 from wicore.model.checkpoint import load_spec_file  # noqa: E402
 from wicore.model.kv_cache import KVCache  # noqa: E402
+from wicore.model.quant import dequantize_torch, quantize_torch  # noqa: E402
 from wicore.model.spec import ModelSpec  # noqa: E402
 from wicore.model.transformer import Transformer, build_model  # noqa: E402
 from wicore.runtime.offload import LayerStreamer, offload_model  # noqa: E402

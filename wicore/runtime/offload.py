@@ -45,8 +45,9 @@ import torch
 from torch import Tensor, nn
 
 from wicore.errors import ConfigError
-from wicore.memory.formats import FORMATS, quantize_torch
+from wicore.memory.formats import FORMATS
 from wicore.model.kv_cache import KVCache
+from wicore.model.quant import quantize_torch
 from wicore.model.transformer import DTYPES, Transformer
 from wicore.runtime.backend import TorchBackend
 from wicore.types import OpTiming, StepPlan, StepResult
