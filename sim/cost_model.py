@@ -107,25 +107,25 @@ class CostModel:
     def step(self, items: Iterable[BatchItem]) -> StepCost:
         tokens = emit = 0
         pairs_g = pairs_l = keys_g = keys_l = 0
+        dec_g = dec_l = 0  # decodes: a query at position c sees c + 1 keys (min(c + 1, w) on local layers)
         w = self.window
         for it in items:
             n, c = it.num_tokens, it.context_len
             tokens += n
-            if it.emits_token:
-                emit += 1
+            emit += it.emits_token
             if n == 1:
-                pairs_g += c + 1
-                keys_g += c + 1
-                if w:
-                    seen = c + 1 if c < w else w
-                    pairs_l += seen
-                    keys_l += seen
+                dec_g += c + 1
+                dec_l += c + 1 if c < w else w
             else:
                 pairs_g += (2 * c + n + 1) * n // 2
                 keys_g += c + n
                 if w:
                     pairs_l += _sum_min(c + 1, c + n, w)
                     keys_l += min(c + n, w + n - 1)
+        pairs_g += dec_g
+        keys_g += dec_g
+        pairs_l += dec_l
+        keys_l += dec_l
         if not w:
             pairs_l, keys_l = pairs_g, keys_g
         lin_flops = 2.0 * tokens * self.layer_params
