@@ -48,7 +48,16 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.harness import Harness, fmt, free_memory, lookup, match_stats, sync  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    Harness,
+    fmt,
+    free_memory,
+    lookup,
+    markdown_table,
+    match_stats,
+    sync,
+    write_results,
+)
 from wicore.model.checkpoint import expected_tensors, hf_config, load_spec_file, param_name  # noqa: E402
 from wicore.model.kv_cache import KVCache  # noqa: E402
 from wicore.model.spec import ModelSpec  # noqa: E402
@@ -146,10 +155,6 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             value = f"{value['matching']}/{value['compared']} (common prefix {value['prefix']})"
         rows.append((label, fmt(value)))
     return rows
-
-
-def markdown_table(rows: list[tuple[str, str]]) -> str:
-    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + "\n"
 
 
 # ----- timing / plumbing -------------------------------------------------------------------------
@@ -373,17 +378,7 @@ def write_outputs(results: dict[str, Any], out_dir: Path | None) -> None:
     print(f"Convention: {BW_CONVENTION}.", flush=True)
     if out_dir is None:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def clean(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: clean(v) for k, v in node.items() if not k.startswith("_")}
-        if isinstance(node, list | tuple):
-            return [clean(v) for v in node]
-        return node
-
-    (out_dir / "results.json").write_text(json.dumps(clean(results), indent=2, default=str) + "\n")
-    (out_dir / "table.md").write_text(text + f"\nConvention: {BW_CONVENTION}.\n")
+    write_results(results, out_dir, text + f"\nConvention: {BW_CONVENTION}.\n")
     log(f"wrote {out_dir / 'results.json'} and {out_dir / 'table.md'}")
 
 

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.harness import Harness, fmt, lookup, match_stats, sync  # noqa: E402
+from benchmarks.harness import Harness, fmt, lookup, markdown_table, match_stats, sync, write_results  # noqa: E402
 from benchmarks.harness import free_memory as free  # noqa: E402
 from wicore.devices import probe  # noqa: E402
 from wicore.hal import GIB  # noqa: E402
@@ -130,7 +130,7 @@ ROWS += [("total runtime (s)", "meta.total_s")]
 
 def markdown(results: dict[str, Any]) -> str:
     rows = [(k, fmt(v)) for k, p in ROWS if (v := lookup(results, p)) is not None]
-    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + "\n"
+    return markdown_table(rows)
 
 
 # ----- plumbing ------------------------------------------------------------------------------------
@@ -329,15 +329,7 @@ def write(results: dict[str, Any], out_dir: Path | None) -> None:
     print("\n" + text, flush=True)
     if out_dir is None:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def clean(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: clean(v) for k, v in node.items() if not k.startswith("_")}
-        return [clean(v) for v in node] if isinstance(node, list | tuple) else node
-
-    (out_dir / "results.json").write_text(json.dumps(clean(results), indent=2, default=str) + "\n")
-    (out_dir / "table.md").write_text(text)
+    write_results(results, out_dir, text)
     log(f"wrote {out_dir / 'results.json'} and {out_dir / 'table.md'}")
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,3 +93,20 @@ def free_memory(device: torch.device) -> None:
                       or getattr(torch._C, "_host_emptyCache", None))
         with contextlib.suppress(Exception):
             empty_host()  # type: ignore[misc]
+
+
+def markdown_table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + "\n"
+
+
+def write_results(results: dict[str, Any], out_dir: Path, table: str) -> None:
+    """``results.json`` (keys starting with "_" left out) and ``table.md`` in ``out_dir``."""
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items() if not k.startswith("_")}
+        return [clean(v) for v in node] if isinstance(node, list | tuple) else node
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(clean(results), indent=2, default=str) + "\n")
+    (out_dir / "table.md").write_text(table)
