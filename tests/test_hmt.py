@@ -114,7 +114,7 @@ def test_tiered_kv_unit_fetches_reads_not_writes_and_forgets_finished_sequences(
     from wicore.memory.policies.lru import LRUPolicy
     from wicore.types import BatchItem, Phase
 
-    kv = TieredKV(LRUPolicy(capacity=4), gpu_pages=4, page_tokens=16, page_bytes_per_gpu=[100], gpus=[0],
+    kv = TieredKV(LRUPolicy(capacity=4), page_tokens=16, page_bytes_per_gpu=[100], gpus=[0],
                   num_layers=2)
     ops = kv.step_ops([BatchItem(1, Phase.PREFILL, 96, 0, True)], now=0.0)  # writes 6 pages, reads none
     assert [op.op for op in ops] == ["evict"] and ops[0].nbytes == 2 * 100  # 2 pages demoted

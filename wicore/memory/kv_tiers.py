@@ -43,11 +43,10 @@ class KVStats:
 
 
 class TieredKV:
-    def __init__(self, policy: ReplacementPolicy, gpu_pages: int, page_tokens: int,
+    def __init__(self, policy: ReplacementPolicy, page_tokens: int,
                  page_bytes_per_gpu: list[int], gpus: list[int], num_layers: int,
                  skip_below: float = 0.0, record_rows: int = 200_000) -> None:
         self.policy = policy
-        self.gpu_pages = gpu_pages
         self.page_tokens = page_tokens
         self.page_bytes_per_gpu = page_bytes_per_gpu
         self.gpus = gpus

@@ -67,8 +67,7 @@ class TieredWeights(StaticPlacement):
                 raise ConfigError(f"memory.kv.host_gib: must be > 0 with KV tiering, got {kv_host_gib}")
             if not 0 <= kv_skip_below < 1:
                 raise ConfigError(f"memory.kv.skip_below: must be in [0, 1), got {kv_skip_below}")
-            self.gpu_kv_pages = self.num_pages
-            self.kv = TieredKV(kv_policy_factory(capacity=self.num_pages), self.num_pages, self.page_tokens,
+            self.kv = TieredKV(kv_policy_factory(capacity=self.num_pages), self.page_tokens,
                                self.page_bytes_per_gpu, gpus, model.num_layers, kv_skip_below)
             self.num_pages += int(kv_host_gib * GIB) // max(self.page_bytes, 1)  # admission: GPU + host
         self.formats: dict[str, Format] = {
