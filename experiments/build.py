@@ -85,6 +85,11 @@ def resolve_parallel(cfg: Any, hw: HardwareSpec) -> Parallel:
     return Parallel(replicas, tp, pp)
 
 
+def memory_config(cfg: DictConfig) -> MemoryConfig:
+    """The placement budget fields of ``memory`` (the manager's other fields are read where used)."""
+    return MemoryConfig(**{k: v for k, v in plain(cfg.memory).items() if k in MemoryConfig.__dataclass_fields__})
+
+
 def pick(table: Any, name: str, field: str) -> Any:
     """Instantiate entry ``name`` of a ``{name: {_target_: ...}}`` table."""
     if name not in table:
@@ -144,7 +149,7 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
     hw = hardware_from_config(plain(cfg.hardware))
     model = resolve_model(cfg.model, hw)
     par = resolve_parallel(cfg.parallel, hw)
-    mem = MemoryConfig(**{k: v for k, v in plain(cfg.memory).items() if k in MemoryConfig.__dataclass_fields__})
+    mem = memory_config(cfg)
     sc = cfg.scheduler
     workload = load_workload(cfg, model)
     slo = SLO(**plain(cfg.slo))

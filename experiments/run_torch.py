@@ -10,14 +10,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from experiments.build import load_workload, make_scheduler, plain
+from experiments.build import load_workload, make_scheduler, memory_config, plain
 from experiments.run import write_results
 from sim.workload import Workload
 from wicore.engine import Engine
 from wicore.errors import ConfigError
 from wicore.hal import HardwareSpec
 from wicore.memory.page_pool import PagePool
-from wicore.memory.placement import MemoryConfig, StaticPlacement
+from wicore.memory.placement import StaticPlacement
 from wicore.metrics import SLO, Recorder
 from wicore.model.spec import ModelSpec
 
@@ -67,7 +67,7 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         spec = spec_from_checkpoint(str(cfg.checkpoint), data["dtype"])
     else:
         spec = ModelSpec.from_config(data)
-    mem = MemoryConfig(**{k: v for k, v in plain(cfg.memory).items() if k in MemoryConfig.__dataclass_fields__})
+    mem = memory_config(cfg)
     placement = StaticPlacement(spec, hw, [0], 1, 1, mem)  # decides before anything is allocated
     if placement.offload_tier == "nvme":
         raise ConfigError(f"backend=torch: {placement.offloaded_bytes / 2**30:.1f} GiB of weights must be offloaded, "
