@@ -12,9 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sim.attention_model import SyntheticAttention
 from sim.backend import SimBackend
+from sim.calibrated_backend import CalibratedSimBackend
+from sim.calibrated_cost import CalibratedCostModel, measured_links
+from sim.calibration import configured_table
 from sim.cost_model import CostModel
 from sim.driver import SimDriver
 from sim.hardware import Machine
+from sim.route_signals import BETA_DEFAULTS, SyntheticSignals
+from sim.routing_cost import RoutingCost
 from sim.workload import Workload, WorkloadConfig
 from wicore.engine import Engine
 from wicore.errors import ConfigError
@@ -24,6 +29,7 @@ from wicore.memory.page_pool import PagePool
 from wicore.memory.placement import MemoryConfig, StaticPlacement
 from wicore.metrics import SLO, Recorder
 from wicore.model.spec import ModelSpec
+from wicore.routing.router import MoRRouter, RoutingConfig
 from wicore.scheduler.scheduler import Scheduler
 
 
@@ -97,6 +103,32 @@ def pick(table: Any, name: str, field: str) -> Any:
     return instantiate(table[name])
 
 
+def make_router(cfg: DictConfig, model: ModelSpec) -> MoRRouter | None:
+    """The token router of one replica (``routing`` group), or None when routing is off. Every
+    routing field is checked here, at start-up; each call returns a router with its own state."""
+    rc = cfg.get("routing")
+    if rc is None or not bool(rc.get("enabled", False)):
+        return None
+    conf = RoutingConfig(threshold=rc.threshold, cpu_depth=rc.cpu_depth, gpu_depth=rc.gpu_depth,
+                         shallow_device=str(rc.shallow_device), scorer=str(rc.scorer)).validate(model.num_layers)
+    factory = pick(rc.scorers, conf.scorer, "routing.scorer")
+    return MoRRouter(conf, factory())
+
+
+def make_route_signals(cfg: DictConfig) -> SyntheticSignals:
+    """Synthetic routing signals for the simulator (``routing.signals_table`` or the Beta model)."""
+    rc = cfg.routing
+    table = rc.get("signals_table")
+    params = plain(rc.get("signals") or {})
+    unknown = sorted(set(params) - set(BETA_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"routing.signals: unknown field(s) {unknown}; known fields are {list(BETA_DEFAULTS)}")
+    shapes = {k: float(params.get(k, d)) for k, d in BETA_DEFAULTS.items()}
+    return SyntheticSignals(seed=int(rc.seed), table=str(table) if table is not None else None,
+                            difficulty_a=shapes["difficulty_a"], difficulty_b=shapes["difficulty_b"],
+                            concentration=shapes["concentration"])
+
+
 def make_scheduler(cfg: DictConfig, model: ModelSpec, pool: PagePool, swap: PagePool | None) -> Scheduler:
     sc = cfg.scheduler
     return Scheduler(
@@ -147,6 +179,10 @@ def make_placement(cfg: DictConfig, model: ModelSpec, hw: HardwareSpec, gpus: li
 
 def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
     hw = hardware_from_config(plain(cfg.hardware))
+    table = configured_table(cfg.backend.get("calibration"), hw.calibration)  # None: datasheet roofline
+    links: dict[str, Any] = {}
+    if table is not None:
+        hw, links = measured_links(hw, table)
     model = resolve_model(cfg.model, hw)
     par = resolve_parallel(cfg.parallel, hw)
     mem = memory_config(cfg)
@@ -155,7 +191,12 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
     slo = SLO(**plain(cfg.slo))
     env = simpy.Environment()
     machine = Machine(env, hw, record=bool(cfg.backend.get("record_links", False)))
-    cost = CostModel(model, hw, tp=par.tp, pp=par.pp, kernels_per_layer=int(cfg.backend.kernels_per_layer))
+    kernels = int(cfg.backend.kernels_per_layer)
+    if table is None:
+        cost = CostModel(model, hw, tp=par.tp, pp=par.pp, kernels_per_layer=kernels)
+    else:
+        cost = CalibratedCostModel(model, hw, table, par.tp, par.pp, kernels,
+                                   measure_attention=bool(cfg.backend.get("measure_attention", False)), links=links)
     recorder = Recorder()
     engines, backends, placements = [], [], []
     per = par.tp * par.pp
@@ -168,8 +209,17 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
         pool = PagePool(placement.num_pages, placement.page_tokens, placement.page_bytes)
         swap = PagePool(placement.host_swap_pages, placement.page_tokens, placement.page_bytes, "swap")
         scheduler = make_scheduler(cfg, model, pool, swap)
-        engines.append(Engine(scheduler, placement, recorder, replica=r))
-        backend = SimBackend(env, machine, cost, gpus, record_steps=int(cfg.report.trace_steps))
+        router = make_router(cfg, model)
+        if router is not None and table is not None:
+            raise ConfigError("routing: the calibrated simulator (backend.calibration) does not cost routed "
+                              "steps; set backend.calibration=null or routing=none")
+        engines.append(Engine(scheduler, placement, recorder, replica=r, router=router))
+        backend: SimBackend
+        if isinstance(cost, CalibratedCostModel):  # static placement: every forward streams its layers again
+            backend = CalibratedSimBackend(env, machine, cost, gpus, record_steps=int(cfg.report.trace_steps),
+                                           restream=str(cfg.memory.get("manager", "static")) == "static")
+        else:
+            backend = SimBackend(env, machine, cost, gpus, record_steps=int(cfg.report.trace_steps))
         lookahead = cfg.memory.get("lookahead")
         if lookahead is not None:
             if int(lookahead) < 1:
@@ -179,6 +229,10 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
             backend.attention = SyntheticAttention(model.num_layers, model.num_global_layers,
                                                    model.sliding_window, placement.page_tokens,
                                                    seed=int(cfg.seed))
+        if router is not None:
+            rcfg = router.config
+            backend.routing = RoutingCost(cost, rcfg.cpu_depth, router.gpu_depth, rcfg.shallow_device)
+            backend.signals = make_route_signals(cfg)
         backends.append(backend)
         placements.append(placement)
     balancer = pick(cfg.parallel.balancers, cfg.parallel.balancer, "parallel.balancer")

@@ -12,7 +12,11 @@ A step of one replica:
    layers before them and the rest shows up as stall time:
    ``end = max(compute, max_k(ready_k + compute of layers k..L))``;
 3. KV swap-ins must complete before the step computes; swap-outs run
-   alongside it.
+   alongside it;
+4. with a token router (``routing``, set when routing is on), a plan whose
+   decode tokens were split deep/shallow is costed by ``sim.routing_cost``
+   (per-layer GPU times, the shallow layers on the CPU, KV fill, transfers);
+   ``signals`` fills ``StepResult.signals`` for every item that emits a token.
 
 ``execute`` is a SimPy process body: the sim driver runs it with
 ``yield from`` and gets the ``StepResult``.
@@ -29,6 +33,8 @@ import simpy
 from sim.attention_model import SyntheticAttention
 from sim.cost_model import CostModel, StepCost
 from sim.hardware import Machine, TransferRecord
+from sim.route_signals import SyntheticSignals
+from sim.routing_cost import RoutedStep, RoutingCost
 from wicore.model.spec import ModelSpec
 from wicore.types import BlockRef, MemoryOp, OpTiming, StepPlan, StepResult
 
@@ -71,17 +77,20 @@ class SimBackend:
         self._bookable: dict[int, tuple[Sequence[MemoryOp], list[Any]]] = {}  # ops (held) -> their links
         self.attention: SyntheticAttention | None = None  # set: report attention mass per KV page
         self.lookahead: int | None = None  # layers fetched ahead of compute (None: the whole step at once)
+        self.routing: RoutingCost | None = None  # set: cost plans with MoR routing decisions
+        self.signals: SyntheticSignals | None = None  # set: report routing signals per emitted token
         # dequantising fetched blocks on the GPU: read the stored bytes, write the hot ones
         self.convert_bw = machine.spec.gpu.mem_bandwidth_gbps * 1e9 * machine.spec.gpu.bandwidth_efficiency
 
     def _gated_finish(self, streams: list[tuple[MemoryOp, TransferRecord]], cost: StepCost,
-                      start: float) -> tuple[float, float]:
+                      start: float, layer_s: Sequence[float] | None = None) -> tuple[float, float]:
         """End of a step whose fetches are issued with a lookahead of ``self.lookahead`` layers:
         blocks of the first ``lookahead`` layers are requested at the step start, those of layer
         ``l + lookahead`` when layer ``l`` starts computing; each link moves its blocks one after
         another at the rate its flow got; a layer starts when its blocks (on every GPU) are in
         and runs its blocks' dequantisation, then its kernels. The flows themselves ran back to back, so the link is
-        modelled busy for less time than the gating implies (a documented approximation)."""
+        modelled busy for less time than the gating implies (a documented approximation).
+        ``layer_s``: per-layer compute times (a routed step) instead of ``cost``'s local/global ones."""
         la = max(1, int(self.lookahead or 1))
         model = self.cost.model
         per_layer = {True: cost.global_layer_s + cost.comm_per_layer_s,
@@ -116,7 +125,8 @@ class SimBackend:
         for layer in range(model.num_layers):
             s_l = max(t, ready.get(layer, start))
             issue(layer + la, s_l)
-            t = s_l + convert.get(layer, 0.0) + per_layer[model.is_global(layer)]
+            t = s_l + convert.get(layer, 0.0) + (per_layer[model.is_global(layer)] if layer_s is None
+                                                 else layer_s[layer])
         return t + cost.head_s + cost.pp_transfer_s, compute_conv
 
     def _attention_feedback(self, plan: StepPlan, result: StepResult) -> None:
@@ -185,22 +195,31 @@ class SimBackend:
             return m.gpu_to_nvme(op.device, op.nbytes, name=name)
         return m.d2h(op.device, op.nbytes, name=name)
 
-    def execute(self, plan: StepPlan) -> Generator[simpy.Event, Any, StepResult]:
+    def execute(self, plan: StepPlan, cost: StepCost | None = None) -> Generator[simpy.Event, Any, StepResult]:
+        """Run ``plan``; ``cost``: its compute cost when the caller has it (calibrated forwards),
+        else ``self.cost.step(plan.items)`` (or the routed cost of ``self.routing``)."""
         env = self.env
         t0 = float(env.now)
-        cost = self.cost.step(plan.items)
+        routed: RoutedStep | None = None
+        if cost is None:
+            routed = self.routing.step(plan) if self.routing is not None and plan.routing else None
+            cost = self.cost.step(plan.items) if routed is None else routed.gpu
         compute = cost.compute_s + cost.comm_s
         result = StepResult(plan.step_id, t0, t0, compute_s=compute, flops=cost.flops,
                             hbm_bytes=cost.hbm_bytes)
         if self.attention is not None:
             self._attention_feedback(plan, result)
+        if self.signals is not None:
+            self.signals.fill(plan.items, result.signals)
         ops = plan.memory_ops
         record = plan.step_id <= self.record_steps
         if not ops:
-            yield env.timeout(compute)
+            yield env.timeout(compute if routed is None else routed.end(t0, t0 + routed.layers_s) - t0)
             result.end = float(env.now)
             if record:
                 result.ops.append(OpTiming("compute", f"gpu{self.gpus[0]}", t0, result.end, 0, cost.flops))
+            if routed is not None:
+                self._routed_result(routed, result, t0, record)
             return result
         start = t0
         finish = start + compute
@@ -221,7 +240,9 @@ class SimBackend:
             if pending:
                 yield env.all_of([ev for _, ev in pending]) if len(pending) > 1 else pending[0][1]
             streams = [(op, ev.value) for op, ev in pending]
-        if streams and self.lookahead is not None:
+        if routed is not None:
+            finish, compute_conv = routed.finish(start, streams, self)
+        elif streams and self.lookahead is not None:
             finish, compute_conv = self._gated_finish(streams, cost, start)
         elif streams:
             coef = np.array((0.0, cost.local_layer_s + cost.comm_per_layer_s,
@@ -258,4 +279,19 @@ class SimBackend:
         result.transfer_s = busy
         if record:
             result.ops.append(OpTiming("compute", f"gpu{self.gpus[0]}", start, start + compute, 0, cost.flops))
+        if routed is not None:
+            self._routed_result(routed, result, start, record)
         return result
+
+    def _routed_result(self, routed: RoutedStep, result: StepResult, start: float, record: bool) -> None:
+        """Add a routed step's CPU part and routing transfers (``sim.routing_cost``) to ``result``."""
+        result.stall_s = max(0.0, result.end - result.start - result.compute_s)
+        result.link_bytes += routed.link_bytes
+        result.transfer_s = max(result.transfer_s, routed.xfer_s)
+        if record and routed.cpu_s > 0:
+            cpu_end = start + routed.cpu_s
+            result.ops.append(OpTiming("shallow layers", "cpu", start, cpu_end, int(routed.cpu_bytes),
+                                       routed.cpu_flops))
+            if routed.xfer_s > 0:
+                result.ops.append(OpTiming("routing transfers", f"pcie{self.gpus[0]}", cpu_end,
+                                           cpu_end + routed.xfer_s, routed.link_bytes))

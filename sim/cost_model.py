@@ -18,6 +18,10 @@ For each decoder layer of a step (tokens ``T`` = sum of the items' tokens):
 
 Pipeline parallel splits the layers over ``pp`` GPUs; a step goes through the
 stages one after the other (no micro-batching), plus the activation hand-over.
+
+``layer(items)`` (one local and one global layer) and ``head(emit, tokens)`` are
+the parts ``step`` sums; the routed-step cost (``sim.routing_cost``) combines
+them per layer when tokens run different depths.
 """
 
 from __future__ import annotations
@@ -31,6 +35,24 @@ from wicore.model.spec import DTYPE_BYTES, ModelSpec
 from wicore.types import BatchItem
 
 ACT_BYTES = 2  # activations are fp16/bf16 whatever the weight format
+
+
+@dataclass(slots=True)
+class LayerCost:
+    """One decoder layer of a set of items, per GPU (``CostModel.layer``)."""
+
+    tokens: int  # tokens through the layer
+    emit: int  # items that emit a token (rows of the LM head)
+    local_s: float  # one local (sliding-window) layer, compute only
+    global_s: float  # one global layer, compute only
+    comm_s: float  # tensor-parallel all-reduces of one layer
+    lin_flops: float  # projections + MLP
+    global_flops: float  # attention of a global layer
+    local_flops: float  # attention of a local layer
+    lin_bytes: float  # weights + activations of the GEMMs
+    global_bytes: float  # K/V read and written by a global layer
+    local_bytes: float  # K/V read and written by a local layer
+    ar_bytes: float  # activations of one all-reduce
 
 
 @dataclass(slots=True)
@@ -104,7 +126,16 @@ class CostModel:
             return 0.0
         return self.link_lat + 2 * (self.tp - 1) / self.tp * nbytes / self.link_bw
 
-    def step(self, items: Iterable[BatchItem]) -> StepCost:
+    def head(self, emit: int, tokens: int) -> tuple[float, float, float]:
+        """(seconds, flops, bytes) of embedding + final norm + LM head, per GPU: ``emit`` rows
+        through the LM head, ``tokens`` hidden states read."""
+        m = self.model
+        head_flops = 2.0 * emit * m.hidden_size * m.vocab_size / self.tp
+        head_bytes = self.head_bytes + tokens * m.hidden_size * ACT_BYTES
+        return self.roof(head_flops, head_bytes) + self.launch_s, head_flops, head_bytes
+
+    def layer(self, items: Iterable[BatchItem]) -> LayerCost:
+        """One local and one global layer of ``items`` (no LM head), per GPU."""
         tokens = emit = 0
         pairs_g = pairs_l = keys_g = keys_l = 0
         dec_g = dec_l = 0  # decodes: a query at position c sees c + 1 keys (min(c + 1, w) on local layers)
@@ -136,11 +167,17 @@ class CostModel:
         g_bytes, l_bytes = kv * (keys_g + tokens), kv * (keys_l + tokens)
         global_s = lin_s + self.roof(g_flops, g_bytes) + self.launch_s
         local_s = lin_s + self.roof(l_flops, l_bytes) + self.launch_s
-        m = self.model
-        head_flops = 2.0 * emit * m.hidden_size * m.vocab_size / self.tp
-        head_s = self.roof(head_flops, self.head_bytes + tokens * m.hidden_size * ACT_BYTES) + self.launch_s
-        ar_bytes = tokens * m.hidden_size * ACT_BYTES
+        ar_bytes = tokens * self.model.hidden_size * ACT_BYTES
         comm_layer = 2 * self.allreduce_s(ar_bytes)
+        return LayerCost(tokens, emit, local_s, global_s, comm_layer, lin_flops, g_flops, l_flops,
+                         lin_bytes, g_bytes, l_bytes, ar_bytes)
+
+    def step(self, items: Iterable[BatchItem]) -> StepCost:
+        lc = self.layer(items)
+        local_s, global_s, comm_layer, ar_bytes = lc.local_s, lc.global_s, lc.comm_s, lc.ar_bytes
+        lin_flops, g_flops, l_flops = lc.lin_flops, lc.global_flops, lc.local_flops
+        lin_bytes, g_bytes, l_bytes = lc.lin_bytes, lc.global_bytes, lc.local_bytes
+        head_s, head_flops, _ = self.head(lc.emit, lc.tokens)
         pp_s = 0.0
         if self.pp > 1:
             pp_s = (self.pp - 1) * (self.link_lat + ar_bytes / self.link_bw)

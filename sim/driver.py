@@ -42,6 +42,7 @@ class SimDriver:
         self._waiters: dict[int, simpy.Event] = {}
         self._submitted = 0
         self._all_submitted = False
+        self._user_woken = False  # a step finished a closed-loop user's request
         self.completed = 0
         for e in engines:
             e.on_done = self._on_done
@@ -74,6 +75,7 @@ class SimDriver:
         ev = self._waiters.pop(seq.request_id, None)
         if ev is not None:
             ev.succeed()
+            self._user_woken = True
 
     def _arrivals(self) -> Generator[simpy.Event, Any, None]:
         wl = self.workload
@@ -113,6 +115,9 @@ class SimDriver:
                 continue
             result = yield from backend.execute(plan)
             engine.update(plan, result, float(env.now))
+            if self._user_woken:  # let the users whose request finished submit the next one before the
+                self._user_woken = False  # next schedule, as the real driver does (no think time)
+                yield env.timeout(0)
 
     def run(self) -> float:
         """Simulate until every request is done (or ``max_time_s``); returns the end time."""

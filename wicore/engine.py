@@ -9,6 +9,20 @@
 The engine never reads a clock: the driver passes ``now``. One engine serves
 one model replica; several replicas sit behind a load balancer
 (``wicore.scheduler.load_balance``).
+
+Token routing (``router``, ``wicore.routing``): ``schedule`` sets
+``plan.routing`` to one decision per decode item, ``update`` feeds the step's
+``StepResult.signals`` to the router, and a finished request is released from
+it. In a step where routing is on and no item is deep (no prefill chunk, every
+decode shallow) the GPU does not run the layers past the shallow depth, so the
+weight fetches for them are dropped from the plan: with ``shallow_device=gpu``
+the weight blocks of layers ``>= cpu_depth`` (an op keeps its blocks of earlier
+layers, with their bytes), with ``shallow_device=cpu`` every weight fetch. Ops
+not tied to a layer (``layer == -1``), KV-page fetches, prefetches, evictions
+and swaps are kept. Approximations: a caching memory manager (HMT) has already
+counted the dropped blocks as fetched (it believes them resident afterwards),
+and the K/V weights that the KV fill of skipped layers reads are assumed to be
+on the GPU.
 """
 
 from __future__ import annotations
@@ -19,19 +33,22 @@ from typing import TYPE_CHECKING
 from wicore.memory.placement import StaticPlacement
 from wicore.scheduler.scheduler import Scheduler
 from wicore.scheduler.sequence import Sequence
-from wicore.types import MemoryOp, Phase, Request, RequestStatus, StepPlan, StepResult
+from wicore.types import MemoryOp, Phase, Request, RequestStatus, RouteDecision, StepPlan, StepResult
 
 PREFILL = Phase.PREFILL
 RUNNING = RequestStatus.RUNNING
 
 if TYPE_CHECKING:
     from wicore.metrics import Recorder
+    from wicore.routing.router import MoRRouter
 
 
 class Engine:
     def __init__(self, scheduler: Scheduler, placement: StaticPlacement, recorder: Recorder,
-                 replica: int = 0, on_done: Callable[[Sequence], None] | None = None) -> None:
+                 replica: int = 0, on_done: Callable[[Sequence], None] | None = None,
+                 router: MoRRouter | None = None) -> None:
         self.scheduler = scheduler
+        self.router = router
         self.placement = placement
         self.recorder = recorder
         self.replica = replica
@@ -39,6 +56,7 @@ class Engine:
         self.seqs: dict[int, Sequence] = {}
         self._step_id = 0
         self._last_pages = (-1, -1)
+        self._trimmed: tuple[object, int, tuple[MemoryOp, ...]] | None = None  # ops in, layer, ops out
 
     # ----- requests ------------------------------------------------------------
     def add_request(self, req: Request, now: float) -> Sequence:
@@ -70,6 +88,8 @@ class Engine:
     def _done(self, seq: Sequence) -> None:
         self.seqs.pop(seq.request_id, None)
         self.placement.release(seq.request_id)
+        if self.router is not None:
+            self.router.release(seq.request_id)
         self.recorder.request(seq, self.replica)
         if self.on_done is not None:
             self.on_done(seq)
@@ -85,7 +105,12 @@ class Engine:
             return None
         for seq in out.preempted:
             self.placement.release(seq.request_id)
+        router = self.router
+        routing: list[RouteDecision] = router.route(out.items) if router is not None else []
         ops: list[MemoryOp] | tuple[MemoryOp, ...] = self.placement.step_ops(now, out.items)
+        if (router is not None and ops and len(routing) == len(out.items)
+                and all(d.path != "deep" for d in routing)):  # no token deep: skip the unneeded fetches
+            ops = self._without_deep_fetches(ops, router.drop_ops_layer())
         if out.swap_out_pages or out.swap_in_pages:
             ops = list(ops)
             for g, gpb in zip(self.placement.gpus, self.placement.page_bytes_per_gpu):
@@ -97,12 +122,25 @@ class Engine:
             if seq.first_scheduled < 0:
                 seq.first_scheduled = now
         self._step_id += 1
-        return StepPlan(self._step_id, self.replica, now, out.items, [], ops,
+        return StepPlan(self._step_id, self.replica, now, out.items, routing, ops,
                         [s.request_id for s in out.preempted])
+
+    def _without_deep_fetches(self, ops: list[MemoryOp] | tuple[MemoryOp, ...],
+                              first_unneeded: int) -> list[MemoryOp] | tuple[MemoryOp, ...]:
+        """``_drop_weight_fetches``, remembered for the last ``ops`` object (a static placement
+        returns the same tuple every step, and the backend caches per op object)."""
+        last = self._trimmed
+        if last is not None and last[0] is ops and last[1] == first_unneeded:
+            return last[2]
+        out = tuple(_drop_weight_fetches(ops, first_unneeded))
+        self._trimmed = (ops, first_unneeded, out)
+        return out
 
     def update(self, plan: StepPlan, result: StepResult, now: float) -> None:
         """Apply the executed step: advance prefill, emit tokens, finish requests."""
         t = result.end
+        if self.router is not None:  # before finished requests are released
+            self.router.observe(result)
         finish = self.scheduler.finish
         seqs = self.seqs
         tokens = result.tokens
@@ -146,3 +184,36 @@ class Engine:
         if (used, swapped) != self._last_pages or self.placement.usage_changes_every_step:
             self._last_pages = (used, swapped)
             self.recorder.tiers(t, self.replica, self.placement.tier_usage(used, swapped))
+
+
+def _drop_weight_fetches(ops: list[MemoryOp] | tuple[MemoryOp, ...], first_unneeded: int) -> list[MemoryOp]:
+    """``ops`` without the weight fetches of layers ``>= first_unneeded`` (0: every weight fetch).
+
+    A fetch of weight blocks keeps its blocks of earlier layers (and their bytes, or an equal
+    share per block when the op lists no sizes); a fetch without blocks is dropped when its
+    ``layer >= first_unneeded``. Other ops, KV-page fetches and ops with ``layer == -1`` are kept.
+    """
+    out: list[MemoryOp] = []
+    for op in ops:
+        if op.op != "fetch" or op.layer == -1:
+            out.append(op)
+            continue
+        if not op.blocks:
+            if op.layer < first_unneeded:
+                out.append(op)
+            continue
+        if op.blocks[0].kind != "weight":
+            out.append(op)
+            continue
+        keep = [k for k, b in enumerate(op.blocks) if b.layer < first_unneeded]
+        if len(keep) == len(op.blocks):
+            out.append(op)
+        elif keep:
+            n = len(op.blocks)
+            sizes = op.block_bytes
+            nbytes = sum(sizes[k] for k in keep) if sizes else op.nbytes * len(keep) // n
+            out.append(MemoryOp(op.op, op.src, op.dst, nbytes, layer=op.blocks[keep[0]].layer, device=op.device,
+                                blocks=tuple(op.blocks[k] for k in keep),
+                                convert_bytes=op.convert_bytes * nbytes // max(op.nbytes, 1),
+                                block_bytes=tuple(sizes[k] for k in keep) if sizes else ()))
+    return out

@@ -7,7 +7,8 @@ Three tables, written as parquet in every result folder:
   out, status and abort reason. Times in seconds.
 * ``steps.parquet`` - one row per engine step (``STEP_COLUMNS``): start,
   duration, batch size, tokens, compute / transfer / stall time, FLOPs, device
-  memory bytes, link bytes, KV pages in use, queue lengths.
+  memory bytes, link bytes, KV pages in use, queue lengths, and the decode
+  tokens a token router sent deep / shallow (0 when routing is off).
 * ``tiers.parquet`` - memory occupancy per tier over time (``TIER_COLUMNS``).
 
 ``summarize`` reduces them to the figures of a report (throughput, latency
@@ -36,7 +37,7 @@ REQUEST_COLUMNS = [
 STEP_COLUMNS = [
     "step_id", "replica", "start", "end", "duration", "batch_size", "num_tokens", "prefill_tokens",
     "decode_tokens", "compute_s", "transfer_s", "stall_s", "flops", "hbm_bytes", "link_bytes",
-    "kv_pages_used", "waiting", "running", "preempted",
+    "kv_pages_used", "waiting", "running", "preempted", "deep_tokens", "shallow_tokens",
 ]
 TIER_COLUMNS = ["time", "replica", "tier", "used_bytes", "capacity_bytes"]
 
@@ -86,10 +87,17 @@ class Recorder:
 
     def step(self, plan: StepPlan, result: StepResult, prefill: int, decode: int, kv_pages: int,
              waiting: int, running: int) -> None:
+        deep = shallow = 0
+        if plan.routing:
+            for d in plan.routing:
+                if d.path == "deep":
+                    deep += d.num_tokens
+                else:
+                    shallow += d.num_tokens
         vals = (plan.step_id, plan.replica, result.start, result.end, result.end - result.start,
                 len(plan.items), prefill + decode, prefill, decode, result.compute_s, result.transfer_s,
                 result.stall_s, result.flops, result.hbm_bytes, result.link_bytes, kv_pages, waiting,
-                running, len(plan.preempted))
+                running, len(plan.preempted), deep, shallow)
         for append, v in zip(self._step_appends, vals):
             append(v)
         if result.ops and len(self.ops) < self.record_ops:
@@ -178,6 +186,7 @@ def summarize(req: pd.DataFrame, steps: pd.DataFrame, tiers: pd.DataFrame, *, pe
         "stall_fraction": float(steps["stall_s"].sum()) / busy if busy else 0.0,
         "preemptions": float(steps["preempted"].sum()) if len(steps) else 0.0,
         "steps": float(len(steps)),
+        "deep_token_fraction": _deep_fraction(steps),
     }
     for name in ("ttft", "tpot", "e2e", "queue_delay"):
         for q in (50, 90, 99):
@@ -185,6 +194,15 @@ def summarize(req: pd.DataFrame, steps: pd.DataFrame, tiers: pd.DataFrame, *, pe
         res[f"{name}_mean"] = float(done[name].mean()) if len(done) else float("nan")
     res["itl_p99"] = _pct(done["itl_p99"], 50)
     return res
+
+
+def _deep_fraction(steps: pd.DataFrame) -> float:
+    """Share of the routed decode tokens that took the deep path; NaN when none was routed (routing off)."""
+    if "deep_tokens" not in steps or "shallow_tokens" not in steps:
+        return float("nan")
+    deep = float(steps["deep_tokens"].sum())
+    total = deep + float(steps["shallow_tokens"].sum())
+    return deep / total if total > 0 else float("nan")
 
 
 def write_tables(out: Path, req: pd.DataFrame, steps: pd.DataFrame, tiers: pd.DataFrame) -> None:

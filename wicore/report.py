@@ -402,6 +402,11 @@ def _reading(s: dict[str, Any], steps: pd.DataFrame, targets: list[dict[str, Any
                    f"(peak {pct(s.get('gpu_mem_util_peak'))}).")
     if _num(s.get("preemptions")) > 0:
         out.append(f"The scheduler preempted running requests {fmt(s.get('preemptions'))} times.")
+    deep_frac = _num(s.get("deep_token_fraction"))
+    if not math.isnan(deep_frac):  # token routing (MoR) was on
+        n_routed = sum(float(steps[c].sum()) for c in ("deep_tokens", "shallow_tokens") if c in steps)
+        out.append(f"Token routing (MoR) sent {pct(deep_frac)} of {fmt(n_routed)} routed decode tokens down "
+                   f"the deep path and {pct(1 - deep_frac)} down the shallow one.")
     if placement and _num(placement.get("offloaded_gib")) > 0:
         out.append(f"{fmt(placement.get('offloaded_gib'))} GiB of weights do not fit on the GPUs and "
                    f"{fmt(placement.get('streamed_per_step_per_gpu_gib'))} GiB per GPU are streamed in "
@@ -418,6 +423,27 @@ def _reading(s: dict[str, Any], steps: pd.DataFrame, targets: list[dict[str, Any
     else:
         out.append("No targets.json: targets were not evaluated.")
     return " ".join(out)
+
+
+def _cost_sources_line(src: Any) -> str:
+    """One line from ``cost_sources.json``: which op costs were measured, which are datasheet roofline."""
+    if not isinstance(src, dict) or not isinstance(src.get("ops"), dict):
+        return ""
+    ops: dict[str, Any] = src["ops"]
+    measured = [k for k, v in ops.items() if isinstance(v, dict) and v.get("source") == "measured"]
+    roofline = [k for k in ops if k not in measured]
+    table = (src.get("table") or {}).get("path") if isinstance(src.get("table"), dict) else None
+    if not measured:
+        why = (f"the calibration table {table} has no timings for {src.get('model')} {src.get('dtype')}"
+               if src.get("calibrated") else "no calibration table")
+        txt = f"Costs: every op from the datasheet roofline ({why})"
+    else:
+        txt = f"Costs: measured ({table}): {', '.join(measured)}"
+        txt += f"; datasheet roofline: {', '.join(roofline)}" if roofline else ""
+    link = (src.get("links") or {}).get("pcie.bandwidth_gbps")
+    if isinstance(link, dict) and str(link.get("source", "")).startswith("measured"):
+        txt += f"; host->GPU link: {fmt(link.get('value'))} GB/s measured"
+    return txt + "; details in cost_sources.json."
 
 
 def write_report(run_dir: Path) -> Path:
@@ -451,6 +477,9 @@ def write_report(run_dir: Path) -> Path:
     md = [f"# WiCore run report: {title}", ""]
     if run:
         md += ["## Run", "", md_table(["Fact", "Value"], [[k, fmt(v)] for k, v in run.items()]), ""]
+    cost_line = _cost_sources_line(_read_json(run_dir / "cost_sources.json"))
+    if cost_line:
+        md += [cost_line, ""]
     links = [f"[{n}]({n})" for n in ("config.yaml",) if (run_dir / n).is_file()]
     if (run_dir / "trace.json").is_file():
         links.append("[trace.json](trace.json) (open in https://ui.perfetto.dev)")

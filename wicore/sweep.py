@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from wicore.report import DPI, fmt, md_table, ms, pct  # noqa: E402
+from wicore.results import flatten_summary  # noqa: E402
+from wicore.results import natural_key as _natural  # noqa: E402
+from wicore.results import pareto_indices as _pareto  # noqa: E402
+from wicore.results import parse_value as _value  # noqa: E402
+from wicore.results import read_overrides as _overrides  # noqa: E402
 
 RATE_KEY = "workload.rate"
 MAIN = [("output_tokens_per_s", "tokens/s", fmt), ("requests_per_s", "req/s", fmt),
@@ -35,36 +38,6 @@ MAIN = [("output_tokens_per_s", "tokens/s", fmt), ("requests_per_s", "req/s", fm
         ("mean_batch_size", "mean batch", fmt), ("gpu_mem_util_mean", "GPU mem", pct), ("mfu", "MFU", pct),
         ("mbu", "MBU", pct), ("stall_fraction", "stall", pct), ("preemptions", "preempt", fmt),
         ("aborted", "aborted", fmt)]
-
-
-def _natural(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def _overrides(job: Path) -> dict[str, str]:
-    path = job / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        items = yaml.safe_load(path.read_text(encoding="utf-8")) or []
-    except yaml.YAMLError:
-        return {}
-    out: dict[str, str] = {}
-    for item in items if isinstance(items, list) else []:
-        key, sep, val = str(item).partition("=")
-        if sep:
-            out[key.lstrip("+~")] = val
-    return out
-
-
-def _value(v: str) -> Any:
-    """'4' -> 4, '2.5' -> 2.5, anything else unchanged."""
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except (TypeError, ValueError):
-            pass
-    return v
 
 
 def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -88,13 +61,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         row["status"] = "ok" if isinstance(summary, dict) else "failed"
         row["error"] = err.splitlines()[0] if err else ""
         if isinstance(summary, dict):
-            for k, v in summary.items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    row[k] = float(v)
-                elif isinstance(v, dict):  # "run", "bounds": one column per scalar entry
-                    for sub, x in v.items():
-                        if isinstance(x, str | int | float | bool) or x is None:
-                            row[f"{k}.{sub}"] = x
+            row.update(flatten_summary(summary))  # "run", "bounds": one column per scalar entry
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -122,18 +89,6 @@ def _latency_unit(seconds: pd.Series) -> tuple[float, str]:
     """(scale, unit) for latencies: ms unless the median is 10 s or more."""
     med = pd.to_numeric(seconds, errors="coerce").median()
     return (1.0, "s") if pd.notna(med) and med >= 10 else (1e3, "ms")
-
-
-def _pareto(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Indices of the points not dominated under (min x, max y), in increasing x."""
-    order = np.lexsort((-y, x))
-    best = -np.inf
-    keep = []
-    for i in order:
-        if y[i] > best:
-            keep.append(i)
-            best = y[i]
-    return np.array(keep, dtype=int)
 
 
 def plot_throughput_bars(df: pd.DataFrame, labels: list[str], path: Path) -> None:
@@ -266,8 +221,11 @@ def summarize_sweep(sweep_dir: Path) -> Path:
           "[sweep_summary.csv](sweep_summary.csv).", ""]
     if len(ok):
         md += ["## Results", ""]
-        header = ["job", "overrides"] + [h for _, h, _ in MAIN]
-        rows = [[str(r["job"]), lab] + [f(r.get(c)) for c, _, f in MAIN]
+        cols = MAIN + ([("deep_token_fraction", "deep tokens", pct)]  # token routing was on in some job
+                       if pd.to_numeric(ok.get("deep_token_fraction", pd.Series(dtype=float)),
+                                        errors="coerce").notna().any() else [])
+        header = ["job", "overrides"] + [h for _, h, _ in cols]
+        rows = [[str(r["job"]), lab] + [f(r.get(c)) for c, _, f in cols]
                 for (_, r), lab in zip(ok.iterrows(), ok_labels)]
         md += [md_table(header, rows), ""]
         thr = pd.to_numeric(ok.get("output_tokens_per_s", pd.Series(dtype=float)), errors="coerce")

@@ -129,7 +129,8 @@ class RouteDecision:
     """A token router's decision for the tokens of one request in one step.
 
     ``path`` is ``"deep"`` (all ``depth`` layers on the accelerator) or
-    ``"shallow"`` (``depth`` layers, on the CPU, then early exit).
+    ``"shallow"`` (``depth`` layers, on the router's shallow device - the CPU
+    by default - then early exit). Semantics: ``wicore.routing``.
     """
 
     request_id: int
@@ -184,6 +185,11 @@ class StepResult:
     the simulator leaves it empty and every ``emits_token`` item counts as one
     token. ``attention_mass`` is the feedback for attention-aware replacement:
     the fraction of attention probability each KV block received in this step.
+    ``signals`` is the feedback for a token router (``wicore.routing``): per
+    request id, signals measured on the token that request emitted in this step
+    (keys ``confidence``, ``entropy``, ``router``, ``attention_peak``, floats in
+    [0, 1]; a signal that was not measured is left out), used to route that
+    request's next token.
     """
 
     step_id: int
@@ -199,6 +205,7 @@ class StepResult:
     tokens: dict[int, list[int]] = field(default_factory=dict)
     attention_mass: dict[BlockRef, float] = field(default_factory=dict)
     finished: dict[int, str] = field(default_factory=dict)
+    signals: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def duration(self) -> float:

@@ -387,11 +387,38 @@ def write_random_checkpoint(spec: ModelSpec, out_dir: str | Path, dtype: str = "
                 total += item * int(torch.Size(shape).numel())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_configs(spec, out, dtype)
+    return out
+
+
+def _write_configs(spec: ModelSpec, out: Path, dtype: str) -> None:
     config = hf_config(spec, dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen_cfg = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
                "pad_token_id": config.get("pad_token_id", config["eos_token_id"]), "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+
+
+def write_model_checkpoint(model: Transformer, out_dir: str | Path, dtype: str = "bf16") -> Path:
+    """Write a model's weights (cast to ``dtype``) in HF layout: ``config.json`` (from ``model.spec``
+    with ``torch_dtype`` = dtype), ``generation_config.json`` and one ``model.safetensors``."""
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ConfigError(f"write_model_checkpoint: dtype '{dtype}' unknown, use one of {sorted(SAFETENSORS_DTYPES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tdt = to_torch_dtype(dtype)
+    params = dict(model.named_parameters())
+
+    def make(name: str, shape: tuple[int, ...]) -> Iterator[bytes | memoryview]:
+        t = params[param_name(name)].detach()
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"write_model_checkpoint: {name} has shape {tuple(t.shape)}, spec says {shape}")
+        yield t.to(device="cpu", dtype=tdt).contiguous().view(torch.uint8).numpy().data
+
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    _write_file(out / "model.safetensors", list(expected_tensors(model.spec).items()), dtype, make)
+    _write_configs(model.spec, out, dtype)
     return out
 
 

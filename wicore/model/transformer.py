@@ -22,11 +22,31 @@ included, so each row sums to 1), summed per KV page of ``page_size`` positions:
 with ``num_pages = ceil(S / page_size)``; S is the cache length (page p = cache positions
 [p * page_size, (p + 1) * page_size)) or, without a cache, the input length (token index).
 The mass path always uses the eager attention kernel.
+
+Early exit (``exit_layer`` [B, T] int: how many layers each token runs): after layer ``l`` the
+hidden state of every token with ``exit_layer <= l`` is put back to its value before the layer
+(``torch.where``), so it stays frozen at the exit state from then on. Deeper layers still run on
+the frozen state, so the K/V they write for that token are projections of the exit state: this is
+state propagation, the fill of skipped layers' K/V. With causal attention one parallel pass over a
+sequence (teacher forcing) gives exactly what token-by-token decoding with the same exits gives,
+with or without a KV cache. The final norm and LM head see the frozen state (the shallow exit's
+prediction). No compute is saved (every layer runs for every token): this is the reference
+semantics for measuring quality, not a fast path. ``exit_layer=None`` takes the plain path;
+``exit_layer`` all ``>= num_layers`` gives bit-identical results (``torch.where`` only selects).
+The attention mass still averages every layer (an exited token's deeper queries come from its
+frozen state).
+
+Extras (``return_hidden=True`` or ``tap_layers``): a ``ModelOutput`` named tuple (logits, mass or
+None, the final-normed hidden state [B, T, H] ([B, 1, H] with ``last_only``), and for each entry
+``k`` of ``tap_layers`` the final-normed hidden state after ``k`` layers, i.e. the state a token
+that exits at ``k`` feeds to the LM head; ``F.linear(tap, model.output_weight)`` gives its logits).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +69,15 @@ from wicore.model.layers import (
 from wicore.model.spec import ModelSpec
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelOutput(NamedTuple):
+    """What ``Transformer.forward`` returns when extras are requested (see the module docstring)."""
+
+    logits: Tensor  # [B, T or 1, vocab] fp32
+    mass: Tensor | None  # [B, num_pages] with return_attention_mass, else None
+    hidden: Tensor  # final-normed hidden state [B, T or 1, H], model dtype
+    taps: tuple[Tensor, ...]  # final-normed hidden state after tap_layers[i] layers, each like hidden
 
 
 def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -159,17 +188,25 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None,
                 slots: Tensor | None = None, return_attention_mass: bool = False, *,
                 lengths: Tensor | None = None, last_only: bool = False,
-                page_size: int = 16) -> Tensor | tuple[Tensor, Tensor]:
+                page_size: int = 16, exit_layer: Tensor | None = None, return_hidden: bool = False,
+                tap_layers: Sequence[int] = ()) -> Tensor | tuple[Tensor, Tensor] | ModelOutput:
         """Logits [B, T, vocab] in fp32 ([B, 1, vocab] with ``last_only``).
 
         input_ids, positions: [B, T]. With ``cache``, K/V are written at ``positions`` of ``slots``
         [B] (None: slots 0..B-1) and each row attends over its cached prefix. ``lengths`` [B]: valid
         tokens per row for right-padded input (selects the row's last query for ``last_only`` and
-        the attention mass). Returns ``(logits, mass [B, num_pages])`` with ``return_attention_mass``.
-        No host synchronisation happens here.
+        the attention mass). ``exit_layer`` [B, T] (integer): layers each token runs, the rest is
+        state propagation (module docstring). Returns ``(logits, mass [B, num_pages])`` with
+        ``return_attention_mass`` alone; a ``ModelOutput`` when ``return_hidden`` or ``tap_layers``
+        (each tap in 0..num_layers) is given. No host synchronisation happens here.
         """
         spec = self.spec
         b, t = input_ids.shape
+        if exit_layer is not None and tuple(exit_layer.shape) != (b, t):
+            raise ValueError(f"exit_layer: shape {tuple(exit_layer.shape)} must be [B, T] = {(b, t)}")
+        bad_taps = [k for k in tap_layers if not 0 <= k <= spec.num_layers]
+        if bad_taps:
+            raise ValueError(f"tap_layers: {bad_taps} outside 0..num_layers={spec.num_layers}")
         x = self.embed_tokens(input_ids)
         x = x * self.embed_scale(x.dtype) if spec.family == "gemma3" else x
         k_pos = cache.key_positions if cache is not None else positions
@@ -181,24 +218,36 @@ class Transformer(nn.Module):
         mass_index = last if return_attention_mass else None
         use_sdpa = self.attn_impl == "sdpa" or (self.attn_impl == "auto" and t > 1)
         total: Tensor | None = None
-        for layer in self.layers:
+        states: dict[int, Tensor] = {0: x} if 0 in tap_layers else {}
+        for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             if layer.is_global or local_mask is None:
-                x, mass = layer(x, cos_g, sin_g, global_mask, positions, cache, slots, mass_index, use_sdpa)
+                new, mass = layer(x, cos_g, sin_g, global_mask, positions, cache, slots, mass_index, use_sdpa)
             else:
-                x, mass = layer(x, cos_l, sin_l, local_mask, positions, cache, slots, mass_index, use_sdpa)
+                new, mass = layer(x, cos_l, sin_l, local_mask, positions, cache, slots, mass_index, use_sdpa)
+            x = new if exit_layer is None else torch.where((exit_layer > i).unsqueeze(-1), new, x)
+            if i + 1 in tap_layers:
+                states[i + 1] = x
             if mass is not None:
                 total = mass if total is None else total + mass
         x = self.norm(x)
         if last_only:
             x = x.gather(1, last.view(b, 1, 1).expand(b, 1, x.shape[-1]))
         logits = F.linear(x, self.output_weight).float()
-        if total is None:
-            return logits
-        mass = total / spec.num_layers
-        pages = -(-mass.shape[-1] // page_size)
-        mass = F.pad(mass, (0, pages * page_size - mass.shape[-1])).view(b, pages, page_size).sum(-1)
-        return logits, mass
+        mass_out: Tensor | None = None
+        if total is not None:
+            mass = total / spec.num_layers
+            pages = -(-mass.shape[-1] // page_size)
+            mass_out = F.pad(mass, (0, pages * page_size - mass.shape[-1])).view(b, pages, page_size).sum(-1)
+        if not return_hidden and not tap_layers:
+            return logits if mass_out is None else (logits, mass_out)
+        taps = []
+        for k in tap_layers:
+            h = x if k == spec.num_layers else self.norm(states[k])
+            if last_only and k != spec.num_layers:
+                h = h.gather(1, last.view(b, 1, 1).expand(b, 1, h.shape[-1]))
+            taps.append(h)
+        return ModelOutput(logits, mass_out, x, tuple(taps))
 
 
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: str | torch.dtype | None = None,

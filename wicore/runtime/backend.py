@@ -29,13 +29,15 @@ import torch
 from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.sampling import sample
-from wicore.model.transformer import Transformer
+from wicore.model.transformer import ModelOutput, Transformer
+from wicore.runtime.mor import MoRRuntime
+from wicore.runtime.signals import measure, to_dicts
 from wicore.types import BlockRef, OpTiming, Phase, Request, StepPlan, StepResult
 
 
 class TorchBackend:
     def __init__(self, model: Transformer, cache: KVCache, clock_start: float, seed: int = 0,
-                 measure_attention: bool = False, page_tokens: int = 16) -> None:
+                 measure_attention: bool = False, page_tokens: int = 16, mor: MoRRuntime | None = None) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.device
@@ -48,6 +50,7 @@ class TorchBackend:
         self.free_slots = list(range(cache.max_slots - 1, -1, -1))
         self.requests: dict[int, Request] = {}
         self.tokens: dict[int, list[int]] = {}  # prompt (+ generated) ids per request
+        self.mor = mor  # MoR routing: routed decode rows + routing signals of every emitted token
 
     # ----- requests --------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -66,6 +69,8 @@ class TorchBackend:
             self.free_slots.append(slot)
         self.requests.pop(request_id, None)
         self.tokens.pop(request_id, None)
+        if self.mor is not None:
+            self.mor.forget(request_id)
 
     def _slot(self, request_id: int) -> int:
         slot = self.slots.get(request_id)
@@ -92,28 +97,58 @@ class TorchBackend:
         last_logits: list[torch.Tensor] = []
         emit_ids: list[int] = []
         mass_rows: list[tuple[int, torch.Tensor]] = []
+        mor = self.mor
+        hiddens: list[torch.Tensor] = []  # with routing: final-normed hidden of every emitting row
+        masses: list[torch.Tensor | None] = []  # with routing: attention mass rows (None: not measured)
+        routes = {d.request_id: d.depth for d in plan.routing}
         for it in plan.items:
             if it.phase is not Phase.PREFILL:
                 continue
             if it.context_len == 0 and it.request_id in self.slots:  # recompute preemption: start over
                 self.cache.free(self.slots[it.request_id])
+                if mor is not None:
+                    mor.forget(it.request_id)
             slot = self._slot(it.request_id)
             ids = self.tokens[it.request_id][it.context_len: it.context_len + it.num_tokens]
             x = torch.tensor([ids], device=dev)
             pos = torch.arange(it.context_len, it.context_len + it.num_tokens, device=dev)[None, :]
-            logits = self.model(x, pos, self.cache, torch.tensor([slot], device=dev), last_only=True)
-            assert isinstance(logits, torch.Tensor)
+            out = self.model(x, pos, self.cache, torch.tensor([slot], device=dev), last_only=True,
+                             return_hidden=mor is not None)
             if it.emits_token:
-                last_logits.append(logits[:, -1])
+                if isinstance(out, ModelOutput):
+                    last_logits.append(out.logits[:, -1])
+                    hiddens.append(out.hidden[:, -1])
+                    masses.append(None)
+                else:
+                    assert isinstance(out, torch.Tensor)
+                    last_logits.append(out[:, -1])
                 emit_ids.append(it.request_id)
         dec = [it for it in plan.items if it.phase is Phase.DECODE]
-        if dec:
+        if dec and mor is not None and routes:
+            rids = [it.request_id for it in dec]
+            logits, hidden, mass = mor.decode(
+                rids, [self.tokens[r][it.context_len] for r, it in zip(rids, dec)], [it.context_len for it in dec],
+                [self._slot(r) for r in rids], [routes.get(r, mor.gpu_depth) for r in rids],
+                self.measure_attention, self.page_tokens)
+            last_logits.append(logits)
+            hiddens.append(hidden)
+            masses.append(mass)
+            if mass is not None:
+                mass_rows = [(r, mass[i]) for i, r in enumerate(rids)]
+            emit_ids += rids
+        elif dec:
             x = torch.tensor([[self.tokens[it.request_id][it.context_len]] for it in dec], device=dev)
             pos = torch.tensor([[it.context_len] for it in dec], device=dev)
             slots = torch.tensor([self._slot(it.request_id) for it in dec], device=dev)
             out = self.model(x, pos, self.cache, slots, return_attention_mass=self.measure_attention,
-                             last_only=True, page_size=self.page_tokens)
-            if isinstance(out, tuple):
+                             last_only=True, page_size=self.page_tokens, return_hidden=mor is not None)
+            if isinstance(out, ModelOutput):
+                logits = out.logits
+                hiddens.append(out.hidden[:, -1])
+                masses.append(out.mass)
+                if out.mass is not None:
+                    mass_rows = [(it.request_id, out.mass[i]) for i, it in enumerate(dec)]
+            elif isinstance(out, tuple):
                 logits, mass = out
                 mass_rows = [(it.request_id, mass[i]) for i, it in enumerate(dec)]
             else:
@@ -123,7 +158,17 @@ class TorchBackend:
         result = StepResult(plan.step_id, start, start)
         if emit_ids:
             temp, top_k, top_p = self._sampling(emit_ids)
-            new = sample(torch.cat(last_logits), temp, top_k, top_p, self.generator).tolist()  # the one sync
+            all_logits = torch.cat(last_logits)
+            new_t = sample(all_logits, temp, top_k, top_p, self.generator)
+            if mor is None:
+                new = new_t.tolist()  # the one sync
+            else:  # tokens and routing signals in one sync
+                peak = self._mass_matrix(masses, len(emit_ids)) if self.measure_attention else None
+                sig = measure(all_logits, torch.cat(hiddens), mor.router, peak)
+                rows = torch.cat([new_t.double()[:, None], sig.double()], 1).tolist()
+                new = [int(r[0]) for r in rows]
+                for rid, signals in zip(emit_ids, to_dicts([r[1:] for r in rows])):
+                    result.signals[rid] = signals
             for rid, tok in zip(emit_ids, new):
                 self.tokens[rid].append(tok)
                 result.tokens[rid] = [tok]
@@ -138,6 +183,23 @@ class TorchBackend:
         result.compute_s = end - start
         result.ops.append(OpTiming("compute", str(dev), start, end))
         return result
+
+    @staticmethod
+    def _mass_matrix(masses: list[torch.Tensor | None], rows: int) -> torch.Tensor | None:
+        """The rows' attention mass per page, NaN-padded to one width (prefill rows: NaN)."""
+        width = max((m.shape[1] for m in masses if m is not None), default=0)
+        if not width:
+            return None
+        parts = []
+        for m in masses:
+            if m is None:
+                continue
+            parts.append(torch.nn.functional.pad(m.float(), (0, width - m.shape[1]), value=float("nan")))
+        known = sum(p.shape[0] for p in parts)
+        dev = parts[0].device
+        out = torch.full((rows, width), float("nan"), device=dev)
+        out[rows - known:] = torch.cat(parts)  # decode rows come last (after the prefill rows)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"device": str(self.device), "kv_slots": self.cache.max_slots, "kv_len": self.cache.max_len,
