@@ -1,7 +1,8 @@
 """Run one experiment and write its result folder.
 
 Folder contents: ``config.yaml`` (resolved), ``requests/steps/tiers.parquet``,
-``summary.json``, ``targets.json``, ``placement.json``, ``trace.json``
+``summary.json``, ``targets.json``, ``placement.json``, ``cost_sources.json``
+(sim: which op costs were measured and which came from the roofline), ``trace.json``
 (Chrome / Perfetto), ``plots/`` and ``report.md``.
 """
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.build import SimSetup, build_sim
 from sim.bounds import Bounds, compute_bounds
+from sim.calibrated_cost import CalibratedCostModel, roofline_sources
 from wicore.hal import HardwareSpec
 from wicore.memory.manager import TieredWeights
 from wicore.metrics import SLO, Recorder, chrome_trace, summarize, write_tables
@@ -114,6 +116,8 @@ def run_sim(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[str,
             kv_rows = {c: sum((k.rows[c] for k in ks), []) for c in ks[0].rows}
             kv_rows["replica"] = sum(([i] * len(k.rows["time"]) for i, k in enumerate(ks)), [])
             pd.DataFrame(kv_rows).to_parquet(out / "kv_pages.parquet", index=False, compression="zstd")
+    sources = setup.cost.sources() if isinstance(setup.cost, CalibratedCostModel) else roofline_sources(setup.model)
+    (out / "cost_sources.json").write_text(json.dumps(_jsonable(sources), indent=2))  # measured vs roofline
     return write_results(cfg, out, setup.recorder, hw, setup.model, setup.slo, end, run_info,
                          setup.placements[0].describe(), bounds, extra=extra)
 

@@ -4,8 +4,10 @@
     wicore checkpoint create --spec S --out D  random-weight checkpoint in Hugging Face layout
     wicore verify DIR [--sha256]              check a checkpoint directory
     wicore probe [--measure]                  describe this machine's devices
+    wicore profile --model M --out T.csv [--device cuda] [--quick]   measure op costs: calibration table
     wicore report RUN_DIR                     (re)write a run's report.md and plots
     wicore sweep-summary SWEEP_DIR            (re)write a sweep's summary
+    wicore validate --out DIR [options]       sim-vs-real validation grid + fidelity report
     wicore serve --checkpoint D | --backend sim [overrides]   OpenAI-compatible server
 """
 
@@ -25,6 +27,11 @@ def _probe(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     print(json.dumps(dataclasses.asdict(probe(measure=args.measure)), indent=2))
     return 0
+
+
+def _profile(argv: list[str]) -> int:
+    from wicore.runtime.profiler import main as profile_main
+    return profile_main(argv)
 
 
 def _report(argv: list[str]) -> int:
@@ -59,13 +66,19 @@ def _verify(argv: list[str]) -> int:
     return verify_main(argv)
 
 
+def _validate(argv: list[str]) -> int:
+    from experiments.validate import main as validate_main
+    return validate_main(argv)
+
+
 def _serve(argv: list[str]) -> int:
     from wicore.server.cli import main as serve_main
     return serve_main(argv)
 
 
-COMMANDS = {"run": _run, "checkpoint": _checkpoint, "verify": _verify, "probe": _probe,
-            "report": _report, "sweep-summary": _sweep, "serve": _serve}
+COMMANDS = {"run": _run, "checkpoint": _checkpoint, "verify": _verify, "probe": _probe, "profile": _profile,
+            "report": _report, "sweep-summary": _sweep, "serve": _serve,
+            "validate": _validate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,7 @@ class HardwareSpec:
     shared_upstream_gbps: float = 0.0
     numa_nodes: int = 1
     sources: dict[str, str] = field(default_factory=dict)
+    calibration: str | None = None  # measured cost table of this machine (docs/calibration.md); None: roofline
 
     @property
     def total_gpu_bytes(self) -> int:

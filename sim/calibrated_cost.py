@@ -1,0 +1,185 @@
+"""A step's cost from measured composite ops, shaped like the real runtime's step.
+
+``TorchBackend.execute`` runs a step as: one forward per prefill item (its chunk
+at its context), one batched forward for all decode items, then sampling of
+the emitting rows with the step's one host sync; between steps the driver runs
+``engine.update`` + ``engine.schedule`` on the host. With a calibration table
+for the model and dtype (``sim.calibration``) a step therefore costs::
+
+    sum_prefill prefill_forward(T_i, context_i)
+    + decode_forward(B, mean decode context)      (decode_forward_mass when the run measures attention)
+    + sample(emitting rows)
+    and, before the step starts, step_overhead(items in the step)
+
+Each forward's measured time is spread over the layers and the head in the
+proportions of the roofline of that forward alone (``CostModel.step``), so the
+``StepCost`` fields keep the per-layer shape the weight-streaming overlap of
+``sim.backend`` needs; sampling is added to the last forward's head. An op the
+table lacks for this model falls back to the roofline (that forward alone;
+sample and step overhead are 0 there, as in the plain roofline) and is
+reported as "roofline"; a table without forward timings for this model and
+dtype leaves the step exactly the plain (one fused forward) roofline.
+
+A subclass rather than a flag on ``CostModel``: without a table the simulator
+keeps the plain class, so roofline runs stay bit-identical and the hot path of
+``CostModel.step`` is untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from sim.calibration import EXTRAPOLATED, INTERPOLATED, MEASURED, ROOFLINE, CalibrationTable
+from sim.cost_model import CostModel, StepCost
+from wicore.errors import ConfigError
+from wicore.hal import HardwareSpec
+from wicore.model.spec import ModelSpec
+from wicore.types import BatchItem, Phase
+
+COMPOSITE_OPS = ("prefill_forward", "decode_forward", "decode_forward_mass", "sample", "step_overhead")
+_CACHE_MAX = 8192
+
+
+def sum_costs(costs: list[StepCost]) -> StepCost:
+    """One StepCost for forwards run one after the other (field-wise sum)."""
+    if len(costs) == 1:
+        return costs[0]
+    fields = [f.name for f in dataclasses.fields(StepCost)]
+    return StepCost(**{f: sum(getattr(c, f) for c in costs) for f in fields})
+
+
+def measured_links(hw: HardwareSpec, table: CalibrationTable) -> tuple[HardwareSpec, dict[str, Any]]:
+    """``hw`` with the host->GPU link bandwidth the table measured (pinned: ``h2d_pinned`` at its
+    largest size; pageable: ``h2d_pageable``), and a note of what was replaced."""
+    pcie = hw.pcie
+    note: dict[str, Any] = {"pcie.bandwidth_gbps": {"value": pcie.bandwidth_gbps, "source": "datasheet"}}
+    pinned = table.bandwidth_gbps("h2d_pinned")
+    if math.isfinite(pinned) and pinned > 0:
+        pcie = dataclasses.replace(pcie, bandwidth_gbps=pinned)
+        note["pcie.bandwidth_gbps"] = {"value": pinned, "source": "measured h2d_pinned"}
+    pageable = table.bandwidth_gbps("h2d_pageable")
+    if math.isfinite(pageable) and pageable > 0 and table.has("h2d_pinned"):
+        pcie = dataclasses.replace(pcie, pageable_bandwidth_gbps=pageable)
+        note["pcie.pageable_bandwidth_gbps"] = {"value": pageable, "source": "measured h2d_pageable"}
+    return dataclasses.replace(hw, pcie=pcie), note
+
+
+class CalibratedCostModel(CostModel):
+    """``CostModel`` whose step costs come from a calibration table where it has them."""
+
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, table: CalibrationTable, tp: int = 1, pp: int = 1,
+                 kernels_per_layer: int = 12, measure_attention: bool = False,
+                 links: dict[str, Any] | None = None) -> None:
+        super().__init__(model, hw, tp=tp, pp=pp, kernels_per_layer=kernels_per_layer)
+        if tp * pp != 1:
+            raise ConfigError(f"backend.calibration: a calibration table holds single-GPU forwards, but the run "
+                              f"uses parallel tp={tp} pp={pp}; set parallel.replicas to the GPU count "
+                              "(tp=pp=1) or drop the table")
+        self.table = table
+        self.measure_attention = measure_attention
+        self.links = links or {}  # link figures the table replaced (``measured_links``)
+        name, dtype = model.name, model.dtype
+        # the attention-mass variant when the run measures attention (plain decode_forward stands in for
+        # it when the table lacks it: the read-back of the mass is then not costed, and sources() says so)
+        self.decode_op = "decode_forward"
+        if measure_attention and (table.has("decode_forward_mass", name, dtype)
+                                  or not table.has("decode_forward", name, dtype)):
+            self.decode_op = "decode_forward_mass"
+        # without forward timings for this model the step is the plain (fused) roofline
+        self.active = table.has("prefill_forward", name, dtype) or table.has(self.decode_op, name, dtype)
+        self.counts: dict[str, dict[str, int]] = {op: {} for op in COMPOSITE_OPS}
+        self.steps = 0
+        self._cache: dict[tuple[Any, ...], tuple[float, str]] = {}
+
+    # ----- table access ---------------------------------------------------------------------
+    def _lookup(self, op: str, **coords: float) -> float | None:
+        """Measured seconds (None: roofline), counting where the number came from."""
+        key = (op, *coords.values())
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) > _CACHE_MAX:
+                self._cache.clear()
+            hit = self._cache[key] = self.table.lookup(op, self.model.name, self.model.dtype, **coords)
+        seconds, source = hit
+        c = self.counts.setdefault(op, {})
+        c[source] = c.get(source, 0) + 1
+        return None if source == ROOFLINE else seconds
+
+    def _forward(self, items: list[BatchItem], measured: float | None) -> StepCost:
+        """The roofline of one forward, scaled to ``measured`` seconds (kept as is when None)."""
+        r = CostModel.step(self, items)
+        if measured is None or r.compute_s <= 0:
+            return r
+        s = measured / r.compute_s
+        return StepCost(r.local_layer_s * s, r.global_layer_s * s, 0.0, r.head_s * s, 0.0, measured, 0.0,
+                        r.flops, r.hbm_bytes, 0.0)
+
+    # ----- the step ---------------------------------------------------------------------------
+    def passes(self, items: Iterable[BatchItem]) -> list[StepCost]:
+        """One StepCost per forward of the step, in the order the runtime runs them (prefill items,
+        then the batched decode); sampling is part of the last one's head."""
+        items = list(items)
+        self.steps += 1
+        if not self.active:
+            for it in items:
+                op = "prefill_forward" if it.phase is Phase.PREFILL else self.decode_op
+                c = self.counts[op]
+                c[ROOFLINE] = c.get(ROOFLINE, 0) + 1
+            return [CostModel.step(self, items)]
+        out: list[StepCost] = []
+        decode: list[BatchItem] = []
+        emit = 0
+        for it in items:
+            emit += it.emits_token
+            if it.phase is Phase.PREFILL:
+                m = self._lookup("prefill_forward", tokens=it.num_tokens, context=it.context_len)
+                out.append(self._forward([it], m))
+            else:
+                decode.append(it)
+        if decode:
+            ctx = sum(it.context_len for it in decode) / len(decode)
+            m = self._lookup(self.decode_op, batch=len(decode), context=ctx)
+            out.append(self._forward(decode, m))
+        if not out:
+            out.append(CostModel.step(self, items))
+        if emit:
+            sample = self._lookup("sample", batch=emit) or 0.0
+            last = out[-1]
+            out[-1] = dataclasses.replace(last, head_s=last.head_s + sample, compute_s=last.compute_s + sample)
+        return out
+
+    def step(self, items: Iterable[BatchItem]) -> StepCost:
+        return sum_costs(self.passes(items))
+
+    def overhead_s(self, running: int) -> float:
+        """Host time between two steps of ``running`` sequences (engine.update + engine.schedule)."""
+        if not self.active:
+            return 0.0
+        return self._lookup("step_overhead", batch=running) or 0.0
+
+    # ----- results ------------------------------------------------------------------------------
+    def sources(self) -> dict[str, Any]:
+        """Per composite op: "measured" (the table has it for this model and dtype) or "roofline",
+        and how many lookups were exact, interpolated, extrapolated or fell back to the roofline."""
+        name, dtype = self.model.name, self.model.dtype
+        ops: dict[str, Any] = {}
+        for op in ("prefill_forward", self.decode_op, "sample", "step_overhead"):
+            c = self.counts.get(op, {})
+            ops[op] = {"source": MEASURED if self.active and self.table.has(op, name, dtype) else ROOFLINE,
+                       "lookups": {k: c.get(k, 0) for k in (MEASURED, INTERPOLATED, EXTRAPOLATED, ROOFLINE)}}
+        if self.measure_attention and self.decode_op == "decode_forward":
+            ops["decode_forward"]["note"] = ("the table has no decode_forward_mass for this model: the attention-"
+                                             "mass read-back is not costed")
+        return {"calibrated": True, "table": self.table.describe(), "model": name, "dtype": dtype,
+                "measure_attention": self.measure_attention, "steps": self.steps, "ops": ops,
+                "links": self.links}
+
+
+def roofline_sources(model: ModelSpec) -> dict[str, Any]:
+    """``sources()`` of a run without a table: every op from the datasheet roofline."""
+    return {"calibrated": False, "table": None, "model": model.name, "dtype": model.dtype,
+            "ops": {op: {"source": ROOFLINE} for op in ("prefill_forward", "decode_forward", "sample",
+                                                        "step_overhead")}}

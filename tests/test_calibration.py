@@ -1,0 +1,271 @@
+"""Calibration tables: validation, interpolation, the simulator's calibrated steps, the profiler."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from experiments.build import build_sim
+from experiments.run import run_sim
+from sim.calibrated_cost import roofline_sources
+from sim.calibration import COLUMNS, CalibrationTable
+from tests.conftest import ROOT, make_cfg
+from wicore.errors import ConfigError
+
+TABLE = ROOT / "tests" / "data" / "calib_tiny_gemma3_cpu.csv"
+BASE = ["hardware=h100", "model=tiny-gemma3", "report.enabled=false", "progress=false",
+        f"backend.calibration={TABLE}"]
+SMALL = ["workload.num_requests=4", "workload.prompt.kind=fixed", "workload.prompt.value=32",
+         "workload.output.kind=fixed", "workload.output.value=4"]
+
+
+def _rows(path: Path = TABLE) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _value(op: str, **coords: int) -> float:
+    """The committed table's own number at a profiled point (read from the CSV, not through lookup)."""
+    hits = [r for r in _rows() if r["op"] == op and all(int(r[k]) == v for k, v in coords.items())]
+    assert len(hits) == 1, (op, coords, len(hits))
+    return float(hits[0]["seconds"])
+
+
+def _write(path: Path, rows: list[dict[str, object]]) -> Path:
+    full = [{"model": "m", "dtype": "bf16", "device_name": "dev", "batch": 0, "tokens": 0, "context": 0,
+             "nbytes": 0, "p10_s": r["seconds"], "p90_s": r["seconds"], "samples": 5, **r} for r in rows]
+    return CalibrationTable.write(path, full, {"note": "test"})
+
+
+def _run(cfg):
+    setup = build_sim(cfg)
+    setup.driver.run()
+    return setup, setup.recorder.frames()[1]
+
+
+def _close(a: float, b: float, rel: float = 1e-9) -> bool:
+    """The calibrated step is the table's composition, so it matches to float rounding (the fidelity bar
+    is 2%; a step that missed the sample or the overhead, 1-3% of a decode here, would pass that)."""
+    return abs(a - b) <= rel * b
+
+
+# ----- loading and validation ---------------------------------------------------------------
+def test_committed_table_loads_with_meta():
+    t = CalibrationTable.load(TABLE)
+    assert {"decode_forward", "decode_forward_mass", "prefill_forward", "sample", "step_overhead"} <= set(t.ops())
+    assert ("tiny-gemma3", "fp32") in t.models()
+    assert t.meta["torch_version"] and t.meta["measured_at"] and t.meta["max_len"] == 512
+
+
+def test_load_errors_name_the_file_and_the_column(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        CalibrationTable.load(tmp_path / "nope.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(",".join(c for c in COLUMNS if c != "p90_s") + "\n")
+    with pytest.raises(ConfigError, match=r"bad\.csv.*missing column 'p90_s'"):
+        CalibrationTable.load(bad)
+    rows = _rows()
+    rows[3]["seconds"] = "fast"
+    with (tmp_path / "nan.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(ConfigError, match=r"nan\.csv: line 5, column 'seconds'"):
+        CalibrationTable.load(tmp_path / "nan.csv")
+    dup = _write(tmp_path / "dup.csv", [{"op": "sample", "batch": 2, "seconds": 1.0},
+                                        {"op": "sample", "batch": 2, "seconds": 2.0}])
+    with pytest.raises(ConfigError, match="two rows"):
+        CalibrationTable.load(dup)
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(COLUMNS) + "\n")
+    with pytest.raises(ConfigError, match="no rows"):
+        CalibrationTable.load(empty)
+
+
+# ----- interpolation --------------------------------------------------------------------------
+def test_interpolation_is_exact_at_points_and_linear_between(tmp_path):
+    grid = {(1, 16): 1.0, (1, 256): 2.0, (4, 16): 3.0, (4, 256): 5.0, (8, 16): 4.0, (8, 256): 8.0}
+    rows: list[dict[str, object]] = [{"op": "decode_forward", "batch": b, "context": c, "seconds": v}
+                                     for (b, c), v in grid.items()]
+    rows += [{"op": "prefill_forward", "tokens": t, "context": 0, "seconds": t / 100} for t in (16, 64, 256)]
+    rows += [{"op": "prefill_forward", "tokens": 64, "context": 512, "seconds": 0.9}]
+    rows += [{"op": "h2d_pinned", "model": "", "dtype": "", "nbytes": n, "seconds": 1e-5 + n / 20e9}
+             for n in (2**20, 2**24, 2**28)]
+    t = CalibrationTable.load(_write(tmp_path / "t.csv", rows))
+    for (b, c), v in grid.items():
+        assert t.lookup("decode_forward", "m", "bf16", batch=b, context=c) == (v, "measured")
+    # bilinear inside the grid
+    v, src = t.lookup("decode_forward", "m", "bf16", batch=2, context=136)
+    expect = (1.0 + (3.0 - 1.0) / 3) * 0.5 + (2.0 + (5.0 - 2.0) / 3) * 0.5
+    assert src == "interpolated" and math.isclose(v, expect, rel_tol=1e-12)
+    # above the range: linear from the last two points; below: the first point's value
+    v, src = t.lookup("decode_forward", "m", "bf16", batch=16, context=16)
+    assert src == "extrapolated" and math.isclose(v, 4.0 + (4.0 - 3.0) / 4 * 8)
+    v, src = t.lookup("decode_forward", "m", "bf16", batch=1, context=496)
+    assert src == "extrapolated" and math.isclose(v, 2.0 + (2.0 - 1.0) / 240 * 240)
+    assert t.lookup("decode_forward", "m", "bf16", batch=1, context=4) == (1.0, "extrapolated")
+    # a sparse row (context 512, one point) follows the reference row's shape, offset to its point
+    assert t.lookup("prefill_forward", "m", "bf16", tokens=64, context=512) == (0.9, "measured")
+    v, src = t.lookup("prefill_forward", "m", "bf16", tokens=256, context=512)
+    assert src == "extrapolated" and math.isclose(v, 2.56 + (0.9 - 0.64))
+    v, src = t.lookup("prefill_forward", "m", "bf16", tokens=64, context=256)
+    assert src == "interpolated" and math.isclose(v, (0.64 + 0.9) / 2)
+    # copies: hardware-wide rows match any model; bandwidth curve by size
+    v, src = t.lookup("h2d_pinned", "other", "fp16", nbytes=2**24)
+    assert src == "measured" and math.isclose(v, 1e-5 + 2**24 / 20e9, rel_tol=1e-5)  # 6 digits in the CSV
+    assert math.isclose(t.bandwidth_gbps("h2d_pinned"), 2**28 / (1e-5 + 2**28 / 20e9) / 1e9, rel_tol=1e-5)
+    # absent op / model / dtype: the caller's roofline
+    for args in (("decode_forward", "other", "bf16"), ("decode_forward", "m", "fp16"), ("gemm_o", "m", "bf16")):
+        v, src = t.lookup(*args, batch=1, context=16, tokens=1)
+        assert src == "roofline" and math.isnan(v)
+
+
+# ----- the simulator with the committed table -----------------------------------------------
+@pytest.mark.parametrize("mass", [True, False])
+def test_sim_reproduces_every_profiled_decode_point_within_2_percent(mass):
+    """B identical requests with prompt C: the second step is one decode of B rows at context C.
+    Its duration = decode_forward(_mass)(B, C) + sample(B); the gap before it = step_overhead(B);
+    the first step = B prefill forwards of C tokens + sample(B)."""
+    op = "decode_forward_mass" if mass else "decode_forward"
+    base = make_cfg(*BASE, f"backend.measure_attention={str(mass).lower()}", "workload.prompt.kind=fixed",
+                    "workload.output.kind=fixed", "workload.output.value=2")
+    points = [(int(r["batch"]), int(r["context"])) for r in _rows() if r["op"] == op]
+    assert len(points) >= 12
+    for b, c in points:
+        cfg = copy.deepcopy(base)
+        cfg.workload.num_requests = cfg.workload.concurrency = b
+        cfg.workload.prompt.value = c
+        setup, steps = _run(cfg)
+        assert list(steps["decode_tokens"]) == [0, b] and list(steps["prefill_tokens"]) == [b * c, 0]
+        decode = float(steps["duration"].iloc[1])
+        assert _close(decode, _value(op, batch=b, context=c) + _value("sample", batch=b)), (b, c, decode)
+        gap = float(steps["start"].iloc[1] - steps["end"].iloc[0])
+        assert _close(gap, _value("step_overhead", batch=b)), (b, gap)
+        prefills = {int(r["tokens"]) for r in _rows() if r["op"] == "prefill_forward" and r["context"] == "0"}
+        if c in prefills:
+            first = float(steps["duration"].iloc[0])
+            expect = b * _value("prefill_forward", tokens=c, context=0) + _value("sample", batch=b)
+            assert _close(first, expect), (b, c, first, expect)
+        src = setup.cost.sources()["ops"]  # type: ignore[attr-defined]
+        assert src[op]["source"] == "measured" and src[op]["lookups"]["measured"] == 1
+
+
+def test_sim_reproduces_chunked_prefill_points_with_context():
+    """Chunked prefill with a budget of T tokens: the chunk at context C is prefill_forward(T, C)."""
+    points = [(int(r["tokens"]), int(r["context"])) for r in _rows()
+              if r["op"] == "prefill_forward" and int(r["context"]) > 0]
+    assert points
+    for t, c in points:
+        assert c % t == 0
+        _, steps = _run(make_cfg(*BASE, "scheduler.batching=chunked_prefill", f"scheduler.max_batched_tokens={t}",
+                                 "workload.num_requests=1", "workload.concurrency=1", "workload.prompt.kind=fixed",
+                                 f"workload.prompt.value={c + t}", "workload.output.kind=fixed",
+                                 "workload.output.value=1"))
+        assert list(steps["prefill_tokens"]) == [t] * (c // t + 1)
+        last = float(steps["duration"].iloc[-1])  # the last chunk emits the first token
+        assert _close(last, _value("prefill_forward", tokens=t, context=c) + _value("sample", batch=1)), (t, c)
+
+
+def test_absent_model_falls_back_to_the_roofline_and_says_so():
+    common = ["hardware=h100", "model=gemma3-1b", "workload.num_requests=20", "workload.concurrency=4",
+              "report.enabled=false", "progress=false"]
+    plain, a = _run(make_cfg(*common))
+    calib, b = _run(make_cfg(*common, f"backend.calibration={TABLE}"))
+    assert a["duration"].tolist() == b["duration"].tolist()  # bit for bit the roofline run
+    src = calib.cost.sources()  # type: ignore[attr-defined]
+    assert src["calibrated"] and src["table"]["path"] == str(TABLE)
+    assert {v["source"] for v in src["ops"].values()} == {"roofline"}
+    assert src["ops"]["decode_forward_mass"]["lookups"]["roofline"] > 0
+    none = roofline_sources(plain.model)
+    assert not none["calibrated"] and {v["source"] for v in none["ops"].values()} == {"roofline"}
+    from wicore.report import _cost_sources_line
+    assert _cost_sources_line(none).startswith("Costs: every op from the datasheet roofline (no calibration table)")
+    assert "has no timings for gemma3-1b bf16" in _cost_sources_line(src)
+
+
+def test_calibrated_run_writes_cost_sources_and_the_report_line(tmp_path):
+    from wicore.report import _cost_sources_line
+
+    cfg = make_cfg(*BASE, "workload.num_requests=12", "workload.concurrency=4", "workload.prompt.kind=uniform",
+                   "workload.prompt.low=10", "workload.prompt.high=300", "workload.output.kind=fixed",
+                   "workload.output.value=5")
+    run_sim(cfg, tmp_path / "run")
+    src = json.loads((tmp_path / "run" / "cost_sources.json").read_text())
+    ops = src["ops"]
+    assert {k: v["source"] for k, v in ops.items()} == {k: "measured" for k in
+                                                        ("prefill_forward", "decode_forward_mass", "sample",
+                                                         "step_overhead")}
+    assert ops["prefill_forward"]["lookups"]["interpolated"] + ops["prefill_forward"]["lookups"]["extrapolated"] > 0
+    assert src["links"]["pcie.bandwidth_gbps"]["source"] == "datasheet"  # a CPU table has no pinned copies
+    line = _cost_sources_line(src)  # the report's line (write_report puts it under the run table)
+    assert line.startswith("Costs: measured") and "decode_forward_mass" in line and str(TABLE) in line
+    assert "datasheet roofline" not in line
+    src["ops"]["sample"]["source"] = "roofline"
+    assert _cost_sources_line(src).endswith("; datasheet roofline: sample; details in cost_sources.json.")
+
+
+def test_every_forward_streams_the_offloaded_layers_again():
+    """A static placement that streams every layer: the real runtime copies them in each forward, so a
+    step of k forwards moves k times the bytes (the roofline sim moves them once per step)."""
+    tight = ["hardware.gpu.memory_gib=0.0006", "memory.workspace_gib=0", "memory.kv_min_gib=0.00008",
+             "workload.num_requests=3", "workload.concurrency=3", "workload.prompt.kind=fixed",
+             "workload.prompt.value=16", "workload.output.kind=fixed", "workload.output.value=2"]
+    runs = {}
+    for name, extra in (("roofline", []), ("calibrated", [f"backend.calibration={TABLE}"])):
+        setup, steps = _run(make_cfg(*[o for o in BASE if not o.startswith("backend.")], *tight, *extra))
+        per_step = setup.placements[0].offloaded_bytes
+        assert per_step > 0
+        runs[name] = (steps, per_step)
+    steps, per_step = runs["roofline"]
+    assert (steps["link_bytes"] == per_step).all()
+    steps, per_step = runs["calibrated"]
+    forwards = [n if p else 1 for n, p in zip(steps["batch_size"], steps["prefill_tokens"])]
+    assert steps["link_bytes"].tolist() == [k * per_step for k in forwards] and max(forwards) == 3
+    assert (steps["stall_s"] >= 0).all()
+
+
+def test_measured_pinned_copies_set_the_link_bandwidth(tmp_path):
+    rows = [dict(r) for r in _rows()]
+    for n in (2**20, 2**26):
+        rows.append({**rows[0], "op": "h2d_pinned", "model": "", "dtype": "", "batch": 0, "context": 0,
+                     "nbytes": n, "seconds": n / 12e9, "p10_s": n / 12e9, "p90_s": n / 12e9})
+    table = CalibrationTable.write(tmp_path / "pinned.csv", [{**r, **{k: float(r[k]) for k in
+                                                                       ("seconds", "p10_s", "p90_s")}}
+                                                               for r in rows], {})
+    setup = build_sim(make_cfg(*BASE[:-1], *SMALL, f"+hardware.calibration={table}"))  # the profile's table
+    assert math.isclose(setup.hw.pcie.bandwidth_gbps, 12.0, rel_tol=1e-5)
+    assert setup.cost.sources()["links"]["pcie.bandwidth_gbps"]["source"] == "measured h2d_pinned"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("backend.calibration=no/such/table.csv", "backend.calibration: calibration table 'no/such/table.csv' not found"),
+    ("hardware=h100x2", "tp=2"),
+])
+def test_bad_calibration_config_fails_at_start(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("/", "/")):
+        build_sim(make_cfg(*BASE, *SMALL, override))
+
+
+# ----- the profiler ---------------------------------------------------------------------------
+def test_profiler_quick_on_cpu_writes_a_valid_table(tmp_path, torch_one_thread):
+    from wicore.cli import main
+
+    out = tmp_path / "calib.csv"
+    assert main(["profile", "--model", "tiny-gemma3", "--device", "cpu", "--out", str(out), "--quick",
+                 "--threads", "1"]) == 0
+    t = CalibrationTable.load(out)
+    ops = set(t.ops())
+    assert {"decode_forward", "decode_forward_mass", "prefill_forward", "sample", "step_overhead",
+            "engine_overhead", "gemm_qkv",
+            "attn_decode", "attn_prefill", "h2d_pageable", "d2d", "disk_read"} <= ops
+    rows = t.rows
+    assert all(r["seconds"] > 0 and r["p10_s"] <= r["seconds"] <= r["p90_s"] for r in rows)
+    decode = {(r["batch"], r["context"]) for r in rows if r["op"] == "decode_forward"}
+    assert decode == {(b, c) for b in (1, 2, 4, 8) for c in (16, 64, 256)}
+    assert t.meta["device"] == "cpu" and t.meta["quick"] and "h2d_pinned" in t.meta["skipped"]
+    assert t.meta["notes"]["execute_check"] and t.meta["profile_s"] < 20

@@ -1,0 +1,419 @@
+"""Hardware profiler: measure what the real runtime spends per op and write a calibration table.
+
+``wicore profile --model <config name | checkpoint dir> --device cuda --out calib.csv [--quick]``
+
+Composite ops, timed through the code path ``TorchBackend.execute`` runs (the
+same ``Transformer.forward`` with a ``KVCache`` of ``max_len`` tokens per slot,
+the same input construction, in the model dtype, under ``inference_mode``):
+
+* ``decode_forward`` (batch B x context C): one batched forward of B rows, each
+  one token at position C;
+* ``decode_forward_mass``: the same with the attention mass returned and read
+  back per row (``backend.measure_attention=true``), host timed;
+* ``prefill_forward`` (tokens T, context C): one forward of a T-token chunk of
+  one request at positions [C, C + T);
+* ``sample`` (batch rows): ``TorchBackend._sampling`` + ``sample`` + the step's
+  one ``.tolist()`` sync + the token bookkeeping, host timed;
+* ``step_overhead`` (batch running): host time between the end one step reports
+  and the start of the next, on the real driver, engine and backend;
+  ``engine_overhead``: the engine and driver alone, with a no-op backend
+  (``wicore.runtime.profile_overhead``).
+
+Primitive ops (GEMMs, attention kernels, copies, disk) come from
+``wicore.runtime.profile_primitives``. As a check of the decomposition, a few
+whole decode steps are also timed through ``TorchBackend.execute`` itself and
+compared, in the meta JSON, with decode_forward(_mass) + sample.
+
+Timing: CUDA events on a GPU (host clock for ops that synchronise the host),
+``perf_counter`` on the CPU; each point is the median of ``reps`` runs after
+``warmup`` runs. Table format: ``docs/calibration.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from sim.calibration import CalibrationTable
+from wicore.errors import ConfigError
+from wicore.model.kv_cache import KVCache
+from wicore.model.spec import ModelSpec
+from wicore.model.transformer import Transformer, build_model, to_torch_dtype
+from wicore.runtime.backend import TorchBackend
+from wicore.runtime.profile_overhead import measure_step_gaps, measure_step_overhead
+from wicore.runtime.profile_primitives import (
+    MIB,
+    profile_attention,
+    profile_copies,
+    profile_disk,
+    profile_gemms,
+)
+from wicore.runtime.timing import point, time_op
+from wicore.types import BatchItem, BlockRef, Phase, Request, StepPlan
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    """The points to measure (capped at run time by ``max_len``, the model and device memory)."""
+
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    decode_contexts: tuple[int, ...] = (16, 64, 256, 1024, 2048)
+    prefill_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+    prefill_context_points: tuple[tuple[int, int], ...] = ((64, 256), (256, 256), (64, 1024), (256, 1024))
+    overhead_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    overhead_steps: int = 50
+    primitives: bool = True
+    gemm_tokens: tuple[int, ...] = (1, 8, 32, 128, 512, 2048)
+    attn_batches: tuple[int, ...] = (1, 8, 32)
+    attn_contexts: tuple[int, ...] = (256, 1024, 2048)
+    attn_prefill_tokens: tuple[int, ...] = (128, 512, 2048)
+    copy_sizes: tuple[int, ...] = tuple(MIB * 4**k for k in range(6))  # 1 MiB .. 1 GiB
+    disk_sizes: tuple[int, ...] = (64 * MIB, 256 * MIB)
+    check_points: tuple[tuple[int, int], ...] = ((1, 256), (8, 256), (32, 1024))  # whole decode steps (B, C)
+    reps: int = 20
+    warmup: int = 3
+
+    @classmethod
+    def quick(cls) -> ProfileGrid:
+        """A small grid: a CPU run on tiny-gemma3 takes seconds."""
+        return cls(decode_batches=(1, 2, 4, 8), decode_contexts=(16, 64, 256),
+                   prefill_tokens=(16, 32, 64, 128, 256), prefill_context_points=((32, 128), (64, 128)),
+                   overhead_batches=(1, 2, 4, 8), overhead_steps=20, gemm_tokens=(1, 8, 32, 128),
+                   attn_batches=(1, 8), attn_contexts=(64, 256), attn_prefill_tokens=(64, 256),
+                   copy_sizes=(MIB, 4 * MIB, 16 * MIB), disk_sizes=(16 * MIB,), check_points=((4, 64),),
+                   reps=7, warmup=2)
+
+
+@dataclass
+class _Run:
+    model: Transformer
+    spec: ModelSpec
+    name: str
+    dtype: str
+    device: torch.device
+    device_name: str
+    cache: KVCache
+    grid: ProfileGrid
+    log: Log
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, op: str, seconds: list[float], **coords: int) -> None:
+        self.rows.append(point(op, self.name, self.dtype, self.device_name, seconds, **coords))
+
+
+# ----- setup -----------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"profile --device: '{name}' is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("profile --device=cuda but torch sees no CUDA device; use --device cpu")
+    return dev
+
+
+def _auto_dtype(dtype: str | None, device: torch.device) -> str | None:
+    if dtype not in (None, "auto"):
+        return dtype
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def load_model(source: ModelSpec | str | Path, device: torch.device, dtype: str | None = None,
+               seed: int = 0) -> tuple[Transformer, ModelSpec, str]:
+    """(model, spec, description) from a ModelSpec (random weights), a checkpoint directory, a model config
+    name of ``conf/model`` or the path of such a YAML file."""
+    if isinstance(source, ModelSpec):
+        spec = source if dtype in (None, "auto") else source.with_dtype(str(dtype))
+        return build_model(spec, device, spec.dtype, seed=seed), spec, f"spec {spec.name} (random weights)"
+    path = Path(source)
+    if path.is_dir():
+        from wicore.model.checkpoint import load_checkpoint
+
+        model, spec = load_checkpoint(path, device=device, dtype=_auto_dtype(dtype, device))
+        return model.eval(), spec, f"checkpoint {path}"
+    yml = path if path.suffix in (".yaml", ".yml") else REPO_ROOT / "conf" / "model" / f"{source}.yaml"
+    if not yml.is_file():
+        raise ConfigError(f"profile --model: '{source}' is neither a checkpoint directory nor a model config "
+                          f"(looked for {yml}); use a name of conf/model/ or a checkpoint path")
+    data = yaml.safe_load(yml.read_text())
+    data["dtype"] = _auto_dtype(dtype if dtype not in (None, "auto") else data.get("dtype", "auto"), device)
+    spec = ModelSpec.from_config(data)
+    return build_model(spec, device, spec.dtype, seed=seed), spec, f"config {yml.name} (random weights)"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _kv_slots(spec: ModelSpec, device: torch.device, max_len: int, want: int, itemsize: int,
+              notes: dict[str, Any]) -> int:
+    """KV slots to allocate: ``want``, fewer when the device's free memory cannot hold them."""
+    per_slot = 2 * spec.num_layers * spec.num_kv_heads * max_len * spec.head_dim * itemsize
+    if device.type != "cuda":
+        return want
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = int(0.6 * free // per_slot)
+    if fit < 1:
+        raise ConfigError(f"profile: one KV slot of max_len={max_len} tokens ({per_slot / 2**30:.2f} GiB) does not "
+                          f"fit the {free / 2**30:.1f} GiB left after the weights; lower --max-len")
+    if fit < want:
+        notes["kv_slots_capped"] = f"{fit} slots fit the device memory: batches above {fit} were not measured"
+    return min(fit, want)
+
+
+# ----- composite ops -------------------------------------------------------------------------------
+def _decode_fn(run: _Run, b: int, c: int, mass: bool, page_tokens: int) -> Callable[[], Any]:
+    """One decode forward of ``b`` rows at position ``c``, built and called as TorchBackend.execute does."""
+    model, cache, dev = run.model, run.cache, run.device
+    gen = torch.Generator().manual_seed(b * 7919 + c)
+    toks = torch.randint(0, run.spec.vocab_size, (b,), generator=gen).tolist()
+    rids = list(range(b))
+
+    def fn() -> Any:
+        x = torch.tensor([[t] for t in toks], device=dev)
+        pos = torch.tensor([[c] for _ in rids], device=dev)
+        slots = torch.tensor(rids, device=dev)
+        out = model(x, pos, cache, slots, return_attention_mass=mass, last_only=True, page_size=page_tokens)
+        if isinstance(out, tuple):
+            logits, m = out
+            feedback: dict[BlockRef, float] = {}
+            for rid, row in zip(rids, m):
+                for page, value in enumerate(row.tolist()):
+                    if value > 0:
+                        feedback[BlockRef("kv", -1, seq=rid, index=page)] = value
+            return logits[:, -1]
+        return out[:, -1]
+    return fn
+
+
+def _prefill_fn(run: _Run, t: int, c: int) -> Callable[[], Any]:
+    model, cache, dev = run.model, run.cache, run.device
+    ids = torch.randint(0, run.spec.vocab_size, (c + t,), generator=torch.Generator().manual_seed(t)).tolist()
+
+    def fn() -> Any:
+        x = torch.tensor([ids[c: c + t]], device=dev)
+        pos = torch.arange(c, c + t, device=dev)[None, :]
+        logits = model(x, pos, cache, torch.tensor([0], device=dev), last_only=True)
+        return logits[:, -1]
+    return fn
+
+
+def _backend(run: _Run, batch: int, prompt: int, page_tokens: int, measure: bool) -> TorchBackend:
+    """A real TorchBackend over the run's model and cache with ``batch`` requests of ``prompt`` ids."""
+    be = TorchBackend(run.model, run.cache, time.perf_counter(), seed=0, measure_attention=measure,
+                      page_tokens=page_tokens)
+    for rid in range(batch):
+        ids = torch.randint(0, run.spec.vocab_size, (prompt,), generator=torch.Generator().manual_seed(rid))
+        be.add_request(Request(rid, 0.0, prompt, 1 << 30, prompt_ids=ids.tolist()))
+    return be
+
+
+def _sample_fn(run: _Run, b: int, page_tokens: int) -> Callable[[], Any]:
+    """Sampling of ``b`` rows as TorchBackend.execute runs it: per-request parameters, one sample call,
+    the step's host sync (``.tolist()``), the token bookkeeping."""
+    from wicore.model.sampling import sample
+
+    be = _backend(run, b, 1, page_tokens, False)
+    logits = [torch.randn(b, run.spec.vocab_size, device=run.device)]
+    rids = list(range(b))
+
+    def fn() -> Any:
+        temp, top_k, top_p = be._sampling(rids)
+        new = sample(torch.cat(logits), temp, top_k, top_p, be.generator).tolist()
+        out = {}
+        for rid, tok in zip(rids, new):
+            be.tokens[rid].append(tok)
+            out[rid] = [tok]
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        return out
+    return fn
+
+
+def _check_steps(run: _Run, points: list[tuple[int, int]], page_tokens: int, measure: bool) -> list[dict[str, Any]]:
+    """Whole decode steps through ``TorchBackend.execute`` vs the sum of their composite rows."""
+    out = []
+    g = run.grid
+    for b, c in points:
+        be = _backend(run, b, c + g.reps + g.warmup + 2, page_tokens, measure)
+        plan = StepPlan(1, 0, 0.0, [BatchItem(rid, Phase.DECODE, 1, c, True) for rid in range(b)])
+        ts = time_op(partial(be.execute, plan), run.device, g.reps, g.warmup, wall=True)
+        op = "decode_forward_mass" if measure else "decode_forward"
+        parts = {r["op"]: r["seconds"] for r in run.rows if (r["op"] == op and r["batch"] == b and r["context"] == c)
+                 or (r["op"] == "sample" and r["batch"] == b)}
+        composed = parts.get(op, math.nan) + parts.get("sample", math.nan)
+        step = float(np.median(ts))
+        out.append({"op": op, "batch": b, "context": c, "execute_s": step, "composed_s": composed,
+                    "error": composed / step - 1 if step > 0 else math.nan})
+    return out
+
+
+def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
+    g, dev = run.grid, run.device
+    slots = run.cache.max_slots
+    batches = [b for b in g.decode_batches if b <= slots]
+    contexts = sorted({min(c, max_len - 1) for c in g.decode_contexts})
+    for mass in (False, True):
+        op = "decode_forward_mass" if mass else "decode_forward"
+        run.log(f"{op}: batch {batches} x context {contexts}")
+        for b in batches:
+            for c in contexts:
+                ts = time_op(_decode_fn(run, b, c, mass, page_tokens), dev, g.reps, g.warmup, wall=mass)
+                run.add(op, ts, batch=b, context=c)
+    points = [(t, 0) for t in g.prefill_tokens if t <= max_len]
+    points += [(t, c) for t, c in g.prefill_context_points if c + t <= max_len]
+    run.log(f"prefill_forward: (tokens, context) {points}")
+    for t, c in points:
+        run.add("prefill_forward", time_op(_prefill_fn(run, t, c), dev, g.reps, g.warmup), batch=1, tokens=t,
+                context=c)
+    run.log(f"sample: batch {batches}")
+    for b in batches:
+        run.add("sample", time_op(_sample_fn(run, b, page_tokens), dev, g.reps, g.warmup, wall=True), batch=b)
+    over = [b for b in g.overhead_batches if b <= slots]
+    run.log(f"step_overhead (real backend), engine_overhead (no-op backend): batch {over}")
+    for b in over:
+        run.add("step_overhead", measure_step_gaps(run.model, run.cache, b, steps=g.overhead_steps,
+                                                   warmup=g.warmup, prompt_tokens=16, page_tokens=page_tokens),
+                batch=b)
+        run.add("engine_overhead", measure_step_overhead(run.spec, b, steps=g.overhead_steps, warmup=g.warmup,
+                                                         page_tokens=page_tokens), batch=b)
+
+
+def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.device, out_csv: str | Path,
+            grid: ProfileGrid | None = None, quick: bool = False, *, dtype: str | None = None,
+            name: str | None = None, max_len: int = 2048, page_tokens: int = 16, seed: int = 0,
+            threads: int | None = None, disk_dir: str | Path | None = None, log: Log | None = None) -> Path:
+    """Measure the runtime's ops for a model on ``device`` and write ``out_csv`` + ``<out_csv>.meta.json``.
+
+    ``grid``: the points (default: ``ProfileGrid()``, or ``ProfileGrid.quick()`` with ``quick``);
+    ``name``: the model name the rows carry (default: the spec's; the simulator matches it against
+    ``model.name``); ``max_len``: tokens per KV slot, as ``backend.max_len`` of the runs to mirror;
+    ``threads``: torch CPU threads while profiling (None: as is; the runs to mirror must use the same);
+    ``disk_dir``: where ``disk_read`` writes its temp files (default: the temp dir, often a tmpfs)."""
+    t_start = time.perf_counter()
+    dev = resolve_device(device) if isinstance(device, str) else device
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"profile --threads: must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        return _profile(spec_or_checkpoint, dev, out_csv, grid, quick, dtype, name, max_len, page_tokens, seed,
+                        disk_dir, log, t_start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_csv: str | Path,
+             grid: ProfileGrid | None, quick: bool, dtype: str | None, name: str | None, max_len: int,
+             page_tokens: int, seed: int, disk_dir: str | Path | None, log: Log | None, t_start: float) -> Path:
+    say: Log = log or (lambda msg: print(f"[profile] {msg}", file=sys.stderr))
+    g = grid or (ProfileGrid.quick() if quick else ProfileGrid())
+    if g.reps < 1 or g.warmup < 0:
+        raise ConfigError(f"profile grid: reps must be >= 1 and warmup >= 0, got {g.reps}, {g.warmup}")
+    model, spec, source = load_model(spec_or_checkpoint, dev, dtype, seed)
+    max_len = min(int(max_len), spec.max_context)
+    notes: dict[str, Any] = {}
+    tdt = to_torch_dtype(spec.dtype)
+    want = max([*g.decode_batches, *(b for b, _ in g.check_points), 1])
+    slots = _kv_slots(spec, dev, max_len, want, torch.empty(0, dtype=tdt).element_size(), notes)
+    cache = KVCache(spec, slots, max_len, device=dev, dtype=tdt)
+    dname = device_name(dev)
+    run = _Run(model, spec, name or spec.name, spec.dtype, dev, dname, cache, g, say, notes=notes)
+    say(f"{run.name} ({source}, {spec.dtype}) on {dname}: max_len {max_len}, {slots} KV slots")
+    with torch.inference_mode():
+        profile_composite(run, max_len, page_tokens)
+        checks = [(b, c) for b, c in g.check_points if b <= slots and c < max_len]
+        notes["execute_check"] = (_check_steps(run, checks, page_tokens, False)
+                                  + _check_steps(run, checks, page_tokens, True))
+        skipped: dict[str, str] = {}
+        if g.primitives:
+            say("primitives: GEMMs, attention, copies, disk")
+            run.rows += profile_gemms(spec, dev, tdt, g.gemm_tokens, g.reps, g.warmup, run.name, spec.dtype, dname)
+            run.rows += profile_attention(spec, dev, tdt, g.attn_batches,
+                                          [s for s in g.attn_contexts if s <= max_len],
+                                          [t for t in g.attn_prefill_tokens if t <= max_len], g.reps, g.warmup,
+                                          run.name, spec.dtype, dname)
+            copies, skipped = profile_copies(dev, g.copy_sizes, g.reps, g.warmup, dname)
+            run.rows += copies
+            disk, notes["disk_read"] = profile_disk(g.disk_sizes, max(3, g.reps // 4), dname, disk_dir)
+            run.rows += disk
+    meta = {"torch_version": torch.__version__, "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(
+        timespec="seconds"), "device": str(dev), "device_name": dname, "model": run.name, "source": source,
+        "dtype": spec.dtype, "max_len": max_len, "kv_slots": slots, "page_tokens": page_tokens,
+        "cuda": torch.version.cuda, "host": platform.platform(), "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "quick": quick, "grid": asdict(g), "skipped": skipped,
+        "notes": notes, "summary": summarize(run.rows), "profile_s": round(time.perf_counter() - t_start, 2)}
+    path = CalibrationTable.write(out_csv, run.rows, meta)
+    say(f"wrote {len(run.rows)} rows to {path} in {meta['profile_s']} s")
+    return path
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Headline figures of a profile: best achieved GEMM TFLOP/s and copy / disk bandwidths (GB/s)."""
+    out: dict[str, float] = {}
+    for r in rows:
+        op = r["op"]
+        if op.startswith("gemm_") and r["seconds"] > 0:
+            # nbytes = N * K * itemsize, so flops = 2 * M * N * K = 2 * M * nbytes / itemsize
+            itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}.get(r["dtype"], 2)
+            tflops = 2 * r["tokens"] * r["nbytes"] / itemsize / r["seconds"] / 1e12
+            out["gemm_tflops_max"] = max(out.get("gemm_tflops_max", 0.0), tflops)
+        elif r["nbytes"] and r["seconds"] > 0 and not r["model"]:
+            key = f"{op}_gbps_max"
+            out[key] = max(out.get(key, 0.0), r["nbytes"] / r["seconds"] / 1e9)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="wicore profile", description="measure op costs and write a calibration table")
+    ap.add_argument("--model", required=True, help="model config name (conf/model) or checkpoint directory")
+    ap.add_argument("--device", default="auto", help="auto | cuda | cuda:1 | cpu")
+    ap.add_argument("--out", required=True, help="calibration table CSV to write (+ .meta.json)")
+    ap.add_argument("--quick", action="store_true", help="small grid (seconds on CPU with tiny-gemma3)")
+    ap.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: the model config's, auto)")
+    ap.add_argument("--name", default=None, help="model name in the rows (default: the spec's name)")
+    ap.add_argument("--max-len", type=int, default=2048, help="tokens per KV slot (backend.max_len)")
+    ap.add_argument("--no-primitives", action="store_true", help="composite ops only")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--disk-dir", default=None, help="folder for the disk-read test (default: the temp dir)")
+    args = ap.parse_args(argv)
+    grid = ProfileGrid.quick() if args.quick else ProfileGrid()
+    if args.no_primitives:
+        from dataclasses import replace
+
+        grid = replace(grid, primitives=False)
+    try:
+        profile(args.model, args.device, args.out, grid, quick=args.quick, dtype=args.dtype, name=args.name,
+                max_len=args.max_len, threads=args.threads, disk_dir=args.disk_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
