@@ -1,0 +1,413 @@
+"""Validation grid: the same configs on backend=torch and backend=sim, then the fidelity report.
+
+    python -m experiments.validate --backends torch,sim --out DIR [--only NAME,...] [--skip-2gpu]
+        [--hardware h100] [--hardware-2gpu h100x2] [--calibration CSV] [--extra OVERRIDE ...]
+    python -m experiments.validate --report-only DIR
+
+Each grid entry (``conf/validation/grid.yaml``) runs on each backend in this process
+(Hydra's compose API, then ``run_sim`` / ``run_torch``) into ``DIR/<config>/<backend>/``: the
+usual result folder plus ``.hydra/overrides.yaml`` and ``validation.json`` (what ran, wall
+time, and on the torch side the probed device and the allocator's peak memory per GPU). A
+config that fails writes ``error.txt`` there and the others go on. Then
+``DIR/fidelity.md`` (+ csv, plots) compares every config that has both runs.
+
+The torch side needs the GPU; the sim side can be re-run later on any machine over the same
+DIR (``--backends sim``): ``--hardware`` names the profile of the GPU machine the torch side
+ran on. Every check (grid file, names, overrides, calibration table) runs before the first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import gc
+import json
+import re
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig
+
+from wicore.errors import ConfigError
+from wicore.results import write_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+GRID = CONF / "validation" / "grid.yaml"
+BACKENDS = ("torch", "sim")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+ENTRY_KEYS = {"name", "overrides", "lengths", "gpus", "gpu_budget_gib"}
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """One grid entry: ``overrides`` = the grid's ``common`` + the entry's ``lengths`` preset + its own."""
+
+    name: str
+    overrides: tuple[str, ...]
+    gpus: int = 1
+    gpu_budget_gib: float | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    hardware: str = "h100"  # sim profile of the GPU machine (1-GPU entries)
+    hardware_2gpu: str | None = None  # 2-GPU entries; None: f"{hardware}x2"
+    calibration: str | None = None  # backend.calibration table for the sim side
+    extra: tuple[str, ...] = ()  # appended to every run on both backends
+    warmup: bool = True  # one throw-away torch run first (CUDA context, kernels, allocator)
+
+    @property
+    def hw2(self) -> str:
+        return self.hardware_2gpu or f"{self.hardware}x2"
+
+
+@dataclass
+class Outcome:
+    config: str
+    backend: str
+    status: str  # ok | failed
+    error: str = ""
+    wall_s: float = 0.0
+
+
+def load_grid(path: Path = GRID) -> list[GridConfig]:
+    """Read and check the grid file; a bad entry is a ConfigError naming it."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--grid: cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("configs"), list):
+        raise ConfigError(f"--grid: {path} must hold a mapping with a `configs` list")
+    lengths = data.get("lengths") or {}
+    common = data.get("common") or []
+    if not isinstance(common, list) or not all(isinstance(o, str) and "=" in o for o in common):
+        raise ConfigError(f"--grid: {path}: `common` must be a list of key=value strings")
+    out: list[GridConfig] = []
+    seen: set[str] = set()
+    for i, item in enumerate(data["configs"]):
+        where = f"{path}: configs[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: must be a mapping with name and overrides")
+        unknown = sorted(set(item) - ENTRY_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(ENTRY_KEYS)}")
+        name = str(item.get("name", ""))
+        if not NAME.match(name) or name in seen:
+            raise ConfigError(f"{where}: name '{name}' must be unique and a plain folder name "
+                              "(letters, digits, . _ -)")
+        seen.add(name)
+        ovr = item.get("overrides") or []
+        if not isinstance(ovr, list) or not all(isinstance(o, str) and "=" in o for o in ovr):
+            raise ConfigError(f"{where} ({name}): overrides must be a list of key=value strings")
+        pre: list[str] = []
+        if item.get("lengths") is not None:
+            if item["lengths"] not in lengths:
+                raise ConfigError(f"{where} ({name}): lengths '{item['lengths']}' is not one of {sorted(lengths)}")
+            pre = [str(o) for o in lengths[item["lengths"]]]
+        gpus = int(item.get("gpus", 1))
+        if gpus not in (1, 2):
+            raise ConfigError(f"{where} ({name}): gpus must be 1 or 2, got {gpus}")
+        budget = item.get("gpu_budget_gib")
+        if budget is not None and float(budget) <= 0:
+            raise ConfigError(f"{where} ({name}): gpu_budget_gib must be > 0 or absent, got {budget}")
+        out.append(GridConfig(name, (*common, *pre, *ovr), gpus, float(budget) if budget is not None else None))
+    return out
+
+
+def select(grid: list[GridConfig], only: list[str] | None = None, skip_2gpu: bool = False) -> list[GridConfig]:
+    """Entries matching any of ``only`` (names or shell patterns), minus 2-GPU ones if asked."""
+    if only:
+        for pat in only:
+            if not any(fnmatch.fnmatchcase(g.name, pat) for g in grid):
+                raise ConfigError(f"--only: '{pat}' matches no grid config; names: {', '.join(g.name for g in grid)}")
+        grid = [g for g in grid if any(fnmatch.fnmatchcase(g.name, p) for p in only)]
+    if skip_2gpu:
+        grid = [g for g in grid if g.gpus == 1]
+    return grid
+
+
+def run_overrides(entry: GridConfig, backend: str, opts: Options) -> list[str]:
+    """The full override list of one entry on one backend (see grid.yaml)."""
+    side: list[str]
+    if backend == "sim":
+        side = [f"hardware={opts.hardware if entry.gpus == 1 else opts.hw2}"]
+        if entry.gpus == 2:
+            side.append("parallel=pp")
+        if entry.gpu_budget_gib is not None:
+            side.append(f"hardware.gpu.memory_gib={entry.gpu_budget_gib}")
+        if opts.calibration:
+            side.append(f"backend.calibration={opts.calibration}")
+    elif backend == "torch":
+        side = ["backend=torch"]
+        if entry.gpus == 2:
+            side.append("parallel=pp")
+        if entry.gpu_budget_gib is not None:
+            side.append(f"backend.gpu_budget_gib={entry.gpu_budget_gib}")
+    else:
+        raise ConfigError(f"--backends: unknown backend '{backend}', use {', '.join(BACKENDS)}")
+    return ["experiment=validation", *entry.overrides, *side, *opts.extra]
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """One config through Hydra's compose API (a GlobalHydra context must be open: see ``hydra_context``)."""
+    from hydra import compose as hydra_compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return hydra_compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+class Composer:
+    """``compose`` for many override lists that share a few config-group choices.
+
+    Hydra composes in two parts: the defaults list (group choices such as ``model=...``, the
+    slow part: every YAML file is read and merged) and then the value overrides, applied to the
+    composed config with ``ConfigLoaderImpl._apply_overrides_to_config``. This keeps the first
+    part per distinct sequence of group overrides and runs only the second part per call, with
+    the same function Hydra uses; lists with ``hydra`` overrides go through ``compose``.
+    """
+
+    def __init__(self) -> None:
+        self._base: dict[tuple[str, ...], DictConfig] = {}
+
+    def __call__(self, overrides: list[str]) -> DictConfig:
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            parsed = OverridesParser.create().parse_overrides(overrides)
+        except HydraException as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        groups = [o for o in parsed if (CONF / o.key_or_group).is_dir()]
+        values = [o for o in parsed if not (CONF / o.key_or_group).is_dir()]
+        if any(o.key_or_group.split(".")[0].split("/")[0] == "hydra" for o in parsed):
+            return compose(overrides)
+        key = tuple(str(o.input_line) for o in groups)
+        if key not in self._base:
+            self._base[key] = compose(list(key))
+        cfg = copy.deepcopy(self._base[key])
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        return cfg
+
+
+def hydra_context() -> Any:
+    from hydra import initialize_config_dir
+
+    return initialize_config_dir(str(CONF), version_base="1.3")
+
+
+def check_options(opts: Options, backends: list[str]) -> Options:
+    """Start-up checks of the command line; returns the options with an absolute calibration path."""
+    for b in backends:
+        if b not in BACKENDS:
+            raise ConfigError(f"--backends: unknown backend '{b}', use {', '.join(BACKENDS)}")
+    if "sim" in backends:
+        for hw in (opts.hardware, opts.hw2):
+            if not (CONF / "hardware" / f"{hw}.yaml").is_file():
+                raise ConfigError(f"--hardware / --hardware-2gpu: no profile conf/hardware/{hw}.yaml")
+    if opts.calibration:
+        cal = Path(opts.calibration).resolve()
+        if not cal.is_file():
+            raise ConfigError(f"--calibration: {opts.calibration} is not a file")
+        if "sim" in backends:
+            base = compose(["experiment=validation"])
+            if "calibration" not in base.backend:
+                raise ConfigError("--calibration: this checkout's backend=sim config has no `calibration` field "
+                                  "(conf/backend/sim.yaml), so the table would be ignored; drop --calibration")
+        opts = Options(opts.hardware, opts.hardware_2gpu, str(cal), opts.extra, opts.warmup)
+    return opts
+
+
+def _cuda_state() -> tuple[Any, int]:
+    try:
+        import torch
+    except ImportError:
+        return None, 0
+    return torch, torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _run_torch(cfg: DictConfig, folder: Path, entry: GridConfig) -> dict[str, Any]:
+    """run_torch with the device allocator's peak per GPU and the probed device recorded."""
+    from experiments.run_torch import run_torch
+    from wicore.devices import probe
+
+    torch, ngpu = _cuda_state()
+    if entry.gpus > 1 and ngpu < entry.gpus:
+        raise ConfigError(f"gpus={entry.gpus}: this machine has {ngpu} CUDA device(s); run it on a "
+                          f"{entry.gpus}-GPU machine or pass --skip-2gpu")
+    base: dict[int, int] = {}
+    if ngpu:
+        gc.collect()
+        torch.cuda.empty_cache()
+        for d in range(ngpu):
+            dev = torch.device("cuda", d)
+            torch.empty(0, device=dev)  # the allocator of a device exists once it has been used
+            torch.cuda.reset_peak_memory_stats(dev)
+            base[d] = int(torch.cuda.memory_allocated(dev))
+    summary = run_torch(cfg, folder)
+    info: dict[str, Any] = {"device": asdict(probe(measure=False))}
+    if ngpu:
+        peak = {str(d): int(torch.cuda.max_memory_allocated(d)) - base[d] for d in range(ngpu)}
+        info["measured"] = {"gpu_peak_allocated_bytes": {d: v for d, v in peak.items() if v > 0},
+                            "gpu_peak_reserved_bytes": {str(d): int(torch.cuda.max_memory_reserved(d))
+                                                        for d in range(ngpu)},
+                            "note": "torch allocator of this process, above what was allocated before the "
+                                    "run; pipeline stages in other processes are not seen"}
+    parallel = str((summary.get("run") or {}).get("parallel", ""))
+    if entry.gpus == 2 and "pp2" not in parallel:
+        raise ConfigError(f"parallel=pp: the real runtime ran '{parallel}', not 2 pipeline stages; "
+                          "this checkout's backend=torch has no pipeline parallelism yet (use --skip-2gpu)")
+    return info
+
+
+def _free_torch() -> None:
+    torch, ngpu = _cuda_state()
+    gc.collect()
+    if ngpu:
+        torch.cuda.empty_cache()
+
+
+def run_one(entry: GridConfig, backend: str, cfg: DictConfig | None, overrides: list[str], folder: Path,
+            opts: Options) -> Outcome:
+    """Run one entry on one backend into ``folder`` (cleared first); never raises for a bad run."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_overrides(folder, overrides)
+    meta: dict[str, Any] = {"config": entry.name, "backend": backend, "gpus": entry.gpus,
+                            "gpu_budget_gib": entry.gpu_budget_gib, "overrides": overrides}
+    if backend == "sim":
+        meta["hardware_profile"] = opts.hardware if entry.gpus == 1 else opts.hw2
+        meta["calibration"] = opts.calibration
+    t0 = time.perf_counter()
+    out = Outcome(entry.name, backend, "ok")
+    try:
+        if cfg is None:
+            cfg = compose(overrides)
+        if backend == "sim":
+            from experiments.run import run_sim
+            run_sim(cfg, folder)
+        else:
+            meta.update(_run_torch(cfg, folder, entry))
+    except ConfigError as e:
+        out.status, out.error = "failed", str(e)
+        (folder / "error.txt").write_text(f"{e}\n", encoding="utf-8")
+    except Exception as e:  # a crash of one config (OOM, a bug) must not stop the grid
+        out.status, out.error = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+        (folder / "error.txt").write_text(f"{out.error}\n\n{traceback.format_exc()}", encoding="utf-8")
+    finally:
+        if backend == "torch":
+            _free_torch()
+    out.wall_s = time.perf_counter() - t0
+    meta.update(status=out.status, error=out.error, wall_s=out.wall_s)
+    (folder / "validation.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    return out
+
+
+def run_grid(entries: list[GridConfig], backends: list[str], out: Path, opts: Options = Options(),
+             log: Any = print) -> list[Outcome]:
+    """Run every entry on every backend into ``out/<name>/<backend>/``; return the outcomes.
+    Every entry is composed for every backend before the first run (bad overrides stop here)."""
+    out = Path(out)
+    with hydra_context():
+        opts = check_options(opts, backends)
+        cfgs: dict[tuple[str, str], tuple[list[str], DictConfig]] = {}
+        composer = Composer()
+        for e in entries:
+            for b in backends:
+                ov = run_overrides(e, b, opts)
+                try:
+                    cfgs[(e.name, b)] = (ov, composer(ov))
+                except ConfigError as err:
+                    raise ConfigError(f"grid config {e.name} (backend={b}): {err}") from None
+        out.mkdir(parents=True, exist_ok=True)
+        if "torch" in backends and opts.warmup and entries:
+            first = next((e for e in entries if e.gpus == 1), entries[0])
+            ov = [*cfgs[(first.name, "torch")][0], "workload.num_requests=2"]
+            w = run_one(first, "torch", None, ov, out / "_warmup" / "torch", opts)
+            log(f"warm-up ({first.name}, torch, 2 requests): {w.status} {w.error}".rstrip())
+            shutil.rmtree(out / "_warmup", ignore_errors=True)
+        results = []
+        n = len(entries) * len(backends)
+        for i, e in enumerate(entries):
+            for j, b in enumerate(backends):
+                ov, cfg = cfgs[(e.name, b)]
+                res = run_one(e, b, cfg, ov, out / e.name / b, opts)
+                results.append(res)
+                k = i * len(backends) + j + 1
+                log(f"[{k}/{n}] {e.name} {b}: {res.status} ({res.wall_s:.1f} s)"
+                    + (f": {res.error}" if res.error else ""))
+    return results
+
+
+def report(out: Path) -> Path:
+    """(Re)write the fidelity report of a validation folder."""
+    from wicore.fidelity import fidelity_report, load_pairs
+
+    pairs, missing = load_pairs(out)
+    return fidelity_report(pairs, out, missing)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.validate",
+                                 description="Run the validation grid on backend=torch and backend=sim and write "
+                                             "the fidelity report.")
+    ap.add_argument("--out", type=Path, help="result directory (one folder per config and backend)")
+    ap.add_argument("--backends", default="torch,sim", help="comma list of torch, sim (default: both)")
+    ap.add_argument("--only", default="", help="comma list of grid config names or shell patterns")
+    ap.add_argument("--skip-2gpu", action="store_true", help="leave out the gpus: 2 subset")
+    ap.add_argument("--hardware", default="h100", help="sim profile of the GPU machine (conf/hardware/)")
+    ap.add_argument("--hardware-2gpu", default=None, help="sim profile for 2-GPU entries (default <hardware>x2)")
+    ap.add_argument("--calibration", default=None, help="calibration table (CSV) for the sim side")
+    ap.add_argument("--extra", nargs="+", action="extend", default=[], metavar="OVERRIDE",
+                    help="Hydra overrides appended to every run on both backends")
+    ap.add_argument("--grid", type=Path, default=GRID, help=f"grid file (default {GRID.relative_to(ROOT)})")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the throw-away torch warm-up run")
+    ap.add_argument("--report-only", type=Path, metavar="DIR", help="only (re)write DIR's fidelity report")
+    args = ap.parse_args(argv)
+    try:
+        if args.report_only is not None:
+            if not args.report_only.is_dir():
+                raise ConfigError(f"--report-only: {args.report_only} is not a directory")
+            print(report(args.report_only))
+            return 0
+        if args.out is None:
+            raise ConfigError("--out: give the result directory (or --report-only DIR)")
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        if not backends:
+            raise ConfigError("--backends: give torch, sim or both")
+        only = [s.strip() for s in args.only.split(",") if s.strip()]
+        entries = select(load_grid(args.grid), only, args.skip_2gpu)
+        if not entries:
+            raise ConfigError("--only / --skip-2gpu: no grid config left to run")
+        opts = Options(args.hardware, args.hardware_2gpu, args.calibration, tuple(args.extra),
+                       not args.no_warmup)
+        results = run_grid(entries, backends, args.out, opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [r for r in results if r.status != "ok"]
+    print(f"{len(results) - len(failed)} of {len(results)} runs ok" + (
+        f"; failed: {', '.join(f'{r.config}/{r.backend}' for r in failed)}" if failed else ""))
+    print(report(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

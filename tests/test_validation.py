@@ -1,0 +1,257 @@
+"""Validation grid, runner, result loaders and the fidelity report (CPU, tiny-gemma3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from experiments.validate import (
+    GRID,
+    Composer,
+    Options,
+    check_options,
+    compose,
+    hydra_context,
+    load_grid,
+    main,
+    run_overrides,
+    select,
+)
+from wicore.errors import ConfigError
+from wicore.fidelity import CORE, MEDIAN_TARGET, P90_TARGET, fidelity_stats, load_pairs
+from wicore.memory.placement import StaticPlacement
+from wicore.results import load_run, load_runs, pareto_front, runs_frame, tier_timeline
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+SMALL = ["--extra", "workload.num_requests=3", "--no-warmup"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def validation_dir(tmp_path_factory: pytest.TempPathFactory, torch_one_thread: None) -> Path:
+    out = tmp_path_factory.mktemp("validation")
+    rc = main(["--backends", "torch,sim", "--out", str(out), "--only", "tiny-c1-short,tiny-c4-short", *SMALL])
+    assert rc == 0
+    return out
+
+
+def _summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+# ----- the grid ---------------------------------------------------------------------------------
+def test_grid_has_30_configs_spanning_the_axes_and_each_composes_on_both_backends():
+    grid = load_grid()
+    one_gpu = [g for g in grid if g.gpus == 1]
+    assert len(one_gpu) >= 30 and any(g.gpus == 2 for g in grid)
+    text = [" ".join(g.overrides) for g in grid]
+    for needle in ("model=tiny-gemma3", "model=gemma3-1b", "model.dtype=fp16", "scheduler.batching=static",
+                   "scheduler.batching=chunked_prefill", "scheduler.queue=spf", "workload.prompt.value=1024"):
+        assert any(needle in t for t in text), needle
+    assert {c for g in grid for o in g.overrides if o.startswith("workload.concurrency=")
+            for c in [int(o.split("=")[1])]} >= {1, 4, 16, 32}
+    assert any(g.gpu_budget_gib for g in grid) and any(g.gpu_budget_gib is None for g in grid)
+    assert [g.name for g in select(grid, skip_2gpu=True)] == [g.name for g in one_gpu]
+    with hydra_context():
+        composer = Composer()
+        for g in grid:
+            sim = composer(run_overrides(g, "sim", Options()))
+            real = composer(run_overrides(g, "torch", Options()))
+            assert sim.backend.name == "sim" and real.backend.name == "torch", g.name
+            assert sim.hardware.name == ("h100" if g.gpus == 1 else "h100x2"), g.name
+            assert sim.parallel.pp == real.parallel.pp == g.gpus, g.name
+            assert real.backend.gpu_budget_gib == g.gpu_budget_gib, g.name
+            if g.gpu_budget_gib is not None:
+                assert sim.hardware.gpu.memory_gib == g.gpu_budget_gib, g.name
+            for cfg in (sim, real):  # the same workload, model and scheduler on both sides
+                assert cfg.workload == sim.workload and cfg.model == sim.model and cfg.scheduler == sim.scheduler
+                assert cfg.report.enabled is False and cfg.workload.kind == "closed_loop"
+                longest = cfg.workload.prompt.value + cfg.workload.output.value if (
+                    cfg.workload.prompt.kind == "fixed") else cfg.workload.prompt.high + cfg.workload.output.high
+                assert longest <= min(cfg.model.max_context, 2048), g.name  # fits a torch KV slot
+
+
+def test_cached_composition_equals_hydra_compose():
+    grid = load_grid()
+    picks = [grid[0], next(g for g in grid if g.gpu_budget_gib), next(g for g in grid if g.gpus == 2)]
+    with hydra_context():
+        composer = Composer()
+        for g in picks:
+            for backend in ("sim", "torch"):
+                ov = run_overrides(g, backend, Options(extra=("seed=3",)))
+                fast, full = composer(ov), compose(ov)
+                assert OmegaConf.to_yaml(fast, resolve=True) == OmegaConf.to_yaml(full, resolve=True), g.name
+                assert OmegaConf.is_struct(fast) == OmegaConf.is_struct(full)
+        with pytest.raises(ConfigError, match="no_such_field"):
+            composer(["experiment=validation", "workload.no_such_field=1"])
+
+
+def test_offloaded_grid_entries_stream_part_of_the_layers_not_all():
+    from experiments.build import memory_config, plain, resolve_model
+    from wicore.hal import hardware_from_config
+
+    budgets = [g for g in load_grid() if g.gpu_budget_gib is not None]
+    assert len(budgets) >= 4
+    with hydra_context():
+        composer = Composer()
+        for g in budgets:
+            cfg = composer(run_overrides(g, "sim", Options()))
+            hw = hardware_from_config(plain(cfg.hardware))
+            spec = resolve_model(cfg.model, hw)
+            streamed = len(StaticPlacement(spec, hw, [0], 1, 1, memory_config(cfg)).placements[0].streamed)
+            assert 0 < streamed < spec.num_layers, (g.name, streamed)
+
+
+def test_calibration_and_hardware_reach_only_the_sim_side(tmp_path):
+    g = next(e for e in load_grid() if e.gpus == 2)
+    table = tmp_path / "cal.csv"
+    table.write_text("op,seconds\n")
+    opts = Options(hardware="a100_80g", hardware_2gpu="h100x2", calibration=str(table))
+    sim, real = run_overrides(g, "sim", opts), run_overrides(g, "torch", opts)
+    assert f"backend.calibration={table}" in sim and not any("calibration" in o for o in real)
+    assert "hardware=h100x2" in sim and "parallel=pp" in sim and "parallel=pp" in real
+    assert not any(o.startswith("hardware") for o in real)
+    with hydra_context():
+        if "calibration" in compose(["experiment=validation"]).backend:
+            assert check_options(opts, ["sim"]).calibration == str(table.resolve())
+        else:  # the table would be ignored: refuse at start-up instead
+            with pytest.raises(ConfigError, match="calibration"):
+                check_options(opts, ["sim"])
+        with pytest.raises(ConfigError, match="--calibration"):
+            check_options(Options(calibration=str(tmp_path / "missing.csv")), ["sim"])
+        with pytest.raises(ConfigError, match="hardware"):
+            check_options(Options(hardware="nope"), ["sim"])
+
+
+def test_bad_command_lines_fail_at_start_with_one_line(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "v"), "--only", "no-such-config"]) == 2
+    assert "--only" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "v"), "--backends", "gpu"]) == 2
+    assert "--backends" in capsys.readouterr().err
+    bad = tmp_path / "grid.yaml"
+    bad.write_text(yaml.safe_dump({"configs": [{"name": "a", "overrides": ["model=tiny-gemma3"], "gpus": 3}]}))
+    assert main(["--out", str(tmp_path / "v"), "--grid", str(bad)]) == 2
+    assert "gpus" in capsys.readouterr().err
+    bad.write_text(yaml.safe_dump({"configs": [{"name": "a", "overrides": ["workload.no_such_field=1"]}]}))
+    assert main(["--out", str(tmp_path / "v"), "--grid", str(bad), "--backends", "sim"]) == 2
+    err = capsys.readouterr().err
+    assert "grid config a" in err and "no_such_field" in err
+    assert not (tmp_path / "v").exists()  # nothing ran
+
+
+# ----- a run of the grid ------------------------------------------------------------------------
+def test_validation_run_writes_pairs_and_a_report_that_matches_the_summaries(validation_dir):
+    out = validation_dir
+    for name in ("fidelity.csv", "fidelity_summary.csv", "fidelity_steps.csv", "fidelity.md"):
+        assert (out / name).is_file(), name
+    for name in ("parity.png", "error_cdf.png", "step_times.png"):
+        assert (out / "plots" / name).read_bytes()[:8] == PNG, name
+    rows = pd.read_csv(out / "fidelity.csv")
+    assert sorted(rows["config"].unique()) == ["tiny-c1-short", "tiny-c4-short"]
+    errs: dict[str, list[float]] = {}
+    for cfg in ("tiny-c1-short", "tiny-c4-short"):
+        s, r = _summary(out / cfg / "sim"), _summary(out / cfg / "torch")
+        assert s["run"]["backend"] == "sim" and r["run"]["backend"] == "torch"
+        assert s["run"]["hardware"] == "h100" and s["requests"] == r["requests"] == 3
+        for key, _, _, _ in CORE:
+            row = rows[(rows["config"] == cfg) & (rows["metric"] == key)].iloc[0]
+            assert row["sim"] == pytest.approx(s[key]) and row["real"] == pytest.approx(r[key])
+            assert row["rel_err"] == pytest.approx((s[key] - r[key]) / r[key])
+            errs.setdefault(key, []).append(abs((s[key] - r[key]) / r[key]))
+        peak = {side: pd.read_parquet(out / cfg / side / "tiers.parquet").query("tier == 'gpu0'")["used_bytes"].max()
+                for side in ("sim", "torch")}
+        mem = rows[(rows["config"] == cfg) & (rows["metric"] == "peak_mem_gpu0")].iloc[0]
+        assert (mem["sim"], mem["real"]) == (peak["sim"], peak["torch"])
+        meta = json.loads((out / cfg / "torch" / "validation.json").read_text())
+        assert meta["status"] == "ok" and meta["device"]["gpu"]["name"]  # the probed device is recorded
+        assert "backend=torch" in yaml.safe_load((out / cfg / "torch" / ".hydra" / "overrides.yaml").read_text())
+    stats = pd.read_csv(out / "fidelity_summary.csv").set_index("metric")
+    for key, vals in errs.items():
+        assert stats.loc[key, "median_abs"] == pytest.approx(np.median(vals))
+        assert stats.loc[key, "p90_abs"] == pytest.approx(np.percentile(vals, 90))
+    md = (out / "fidelity.md").read_text()
+    assert "2 configs ran on both backends" in md and "plots/parity.png" in md
+    # a CPU run against the H100 profile is far off: the report must say so, never claim the target
+    assert "All 5 target metrics meet both targets" not in md and "Missed for" in md
+
+
+def test_time_decomposition_adds_up_to_the_run_time_error(validation_dir):
+    dec = pd.read_csv(validation_dir / "fidelity_steps.csv")
+    for cfg, g in dec.groupby("config"):
+        s, r = _summary(validation_dir / cfg / "sim"), _summary(validation_dir / cfg / "torch")
+        assert g["delta_s"].sum() == pytest.approx(s["duration_s"] - r["duration_s"], rel=1e-6, abs=1e-9)
+        steps = pd.read_parquet(validation_dir / cfg / "torch" / "steps.parquet")
+        assert g.loc[g["kind"] != "outside", "real_s"].sum() == pytest.approx(steps["duration"].sum())
+
+
+def test_loaders_read_runs_with_their_overrides(validation_dir):
+    runs = load_runs(validation_dir)
+    assert sorted(str(r.path.relative_to(validation_dir)) for r in runs) == [
+        "tiny-c1-short/sim", "tiny-c1-short/torch", "tiny-c4-short/sim", "tiny-c4-short/torch"]
+    df = runs_frame(validation_dir)
+    assert list(df["backend"]) == ["sim", "torch", "sim", "torch"] and (df["status"] == "ok").all()
+    assert list(df["workload.concurrency"]) == [1, 1, 4, 4]
+    run = load_run(validation_dir / "tiny-c4-short" / "sim")
+    assert run.ok and len(run.requests) == 3 and len(run.steps) and run.config["model"]["name"] == "tiny-gemma3"
+    assert run.overrides["hardware"] == "h100" and run.meta["hardware_profile"] == "h100"
+    assert run.end_time == pytest.approx(run.metric("duration_s"))
+    # the report can be rewritten from the folder alone
+    (validation_dir / "fidelity.md").unlink()
+    assert main(["--report-only", str(validation_dir)]) == 0
+    assert (validation_dir / "fidelity.md").is_file()
+
+
+def test_a_failing_config_leaves_the_others_intact(tmp_path):
+    grid = yaml.safe_load(GRID.read_text())
+    good = next(c for c in grid["configs"] if c["name"] == "tiny-c1-short")
+    two = next(c for c in grid["configs"] if c.get("gpus") == 2 and "tiny" in c["name"])
+    bad = {**good, "name": "broken", "overrides": [*good["overrides"], "scheduler.batching=fancy"]}
+    grid["configs"] = [bad, good, two]
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    out = tmp_path / "v"
+    assert main(["--grid", str(path), "--out", str(out), *SMALL]) == 0
+    for side in ("sim", "torch"):
+        assert "scheduler.batching" in (out / "broken" / side / "error.txt").read_text()
+        assert not (out / "broken" / side / "summary.json").exists()
+        assert load_run(out / "tiny-c1-short" / side).ok
+    assert "gpus=2" in (out / two["name"] / "torch" / "error.txt").read_text()  # this machine has no 2 GPUs
+    assert load_run(out / two["name"] / "sim").ok
+    pairs, missing = load_pairs(out)
+    assert [p.config for p in pairs] == ["tiny-c1-short"]
+    assert set(missing) == {"broken", two["name"]} and "torch: gpus=2" in missing[two["name"]]
+    md = (out / "fidelity.md").read_text()
+    assert "1 configs ran on both backends; 2 have no pair" in md and "broken" in md
+
+
+# ----- pure helpers -----------------------------------------------------------------------------
+def test_pareto_front_and_tier_timeline():
+    df = pd.DataFrame({"lat": [1.0, 2.0, 3.0, 2.5, np.nan], "thr": [10.0, 30.0, 20.0, 40.0, 99.0]})
+    assert list(pareto_front(df, "lat", "thr").index) == [0, 1, 3]
+    tiers = pd.DataFrame({"time": [0.0, 0.0, 1.0, 3.0], "replica": 0, "tier": ["gpu0", "cpu", "gpu0", "gpu0"],
+                          "used_bytes": [2**30, 0, 2 * 2**30, 2**30], "capacity_bytes": [4 * 2**30, 8 * 2**30,
+                                                                                          4 * 2**30, 4 * 2**30]})
+    tl = tier_timeline(tiers, end=5.0)
+    gpu = tl[tl["tier"] == "gpu0"]
+    assert list(gpu["start"]) == [0.0, 1.0, 3.0] and list(gpu["stop"]) == [1.0, 3.0, 5.0]
+    assert list(gpu["used_gib"]) == [1.0, 2.0, 1.0] and list(gpu["share"]) == [0.25, 0.5, 0.25]
+    assert list(tl.loc[tl["tier"] == "cpu", "stop"]) == [5.0]
+
+
+def test_fidelity_stats_pass_only_when_both_targets_hold():
+    def rows(errs: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({"metric": "ttft_p50", "label": "TTFT p50", "rel_err": errs,
+                             "abs_rel_err": np.abs(errs), "target": True})
+
+    ok = fidelity_stats(rows([0.01, -0.02, 0.0, 0.025, -0.01, 0.02, 0.01, -0.015, 0.005, 0.03]))
+    assert bool(ok["met"].iloc[0])
+    tail = fidelity_stats(rows([0.01] * 8 + [0.2, 0.3]))  # median fine, p90 not
+    assert bool(tail["median_ok"].iloc[0]) and not bool(tail["p90_ok"].iloc[0]) and not bool(tail["met"].iloc[0])
+    assert tail["median_abs"].iloc[0] <= MEDIAN_TARGET < P90_TARGET < tail["p90_abs"].iloc[0]
