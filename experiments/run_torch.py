@@ -4,13 +4,14 @@ result schema as the simulator, on the device torch gives us."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from experiments.build import load_workload, make_scheduler, memory_config, plain
+from experiments.build import load_workload, make_router, make_scheduler, memory_config, plain
 from experiments.run import write_results
 from sim.workload import Workload
 from wicore.engine import Engine
@@ -20,6 +21,7 @@ from wicore.memory.page_pool import PagePool
 from wicore.memory.placement import StaticPlacement
 from wicore.metrics import SLO, Recorder
 from wicore.model.spec import ModelSpec
+from wicore.types import Request
 
 
 @dataclass
@@ -32,6 +34,67 @@ class TorchSetup:
     spec: ModelSpec
     placement: StaticPlacement
     t0: float
+    pp: int = 1  # pipeline stages (backend: a PipelineBackend when > 1; close() it when done)
+
+
+def torch_pipeline_depth(cfg: DictConfig) -> int:
+    """``parallel.pp`` of a backend=torch run: one replica, no tensor parallelism on the real runtime."""
+    par = cfg.get("parallel") or {}
+    replicas, tp, pp = int(par.get("replicas", 1)), par.get("tp"), int(par.get("pp", 1))
+    if replicas != 1:
+        raise ConfigError(f"parallel.replicas={replicas}: backend=torch runs one model replica; "
+                          "use parallel.replicas=1 (replicas are simulated by backend=sim)")
+    if tp is not None and int(tp) != 1:
+        raise ConfigError(f"parallel.tp={tp}: tensor parallelism is not implemented on the real runtime; "
+                          "use parallel.tp=1 (pipeline parallelism: parallel=pp)")
+    if pp < 1:
+        raise ConfigError(f"parallel.pp: must be >= 1, got {pp}")
+    return pp
+
+
+def _build_pipeline(cfg: DictConfig, spec: ModelSpec, hw: HardwareSpec, placement: StaticPlacement,
+                    devices: tuple[str, ...], workload: Workload, slots: int, max_len: int) -> TorchSetup:
+    """pp > 1: spawn the other ranks, each builds its stage (its layers, KV cache, streamed layers)."""
+    import torch
+
+    from wicore.runtime import pipeline
+
+    if bool((cfg.get("routing") or {}).get("enabled", False)):
+        raise ConfigError("routing.enabled: MoR routing is not implemented with parallel.pp > 1 on the real "
+                          "runtime; use routing.enabled=false or parallel.pp=1")
+    bc, mem = cfg.backend, memory_config(cfg)
+    pcfg = pipeline.PipelineConfig(
+        spec=spec, devices=devices, slots=slots, max_len=max_len,
+        streamed=tuple(tuple(layer for layer, _ in p.streamed) for p in placement.placements),
+        seed=int(cfg.seed), checkpoint=str(cfg.checkpoint) if cfg.get("checkpoint") else None,
+        host_format=str(bc.get("host_format") or "auto"), stream_buffers=mem.stream_buffer_layers,
+        measure_attention=bool(bc.measure_attention), page_tokens=mem.page_tokens, threads=torch.get_num_threads())
+    pool = PagePool(slots * max_len // mem.page_tokens, mem.page_tokens, placement.page_bytes)
+    recorder = Recorder()
+    engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder)
+    backend = pipeline.launch(pcfg)
+    t0 = time.perf_counter()
+    backend.t0 = t0
+    return TorchSetup(engine, backend, workload, recorder, hw, spec, placement, t0, len(devices))
+
+
+def _mor_runtime(cfg: DictConfig, router: Any, model: Any, cache: Any) -> Any:
+    """The real runtime's side of MoR routing: routed decode rows and the learned router's weights."""
+    from wicore.model.router_weights import has_router, load_router
+    from wicore.runtime.mor import MoRRuntime
+
+    rc = router.config
+    weights = None
+    if cfg.get("checkpoint") and has_router(str(cfg.checkpoint)):
+        w = load_router(str(cfg.checkpoint), model.spec, cache.device)
+        if rc.scorer == "learned" or rc.cpu_depth in w.depths:  # learned: a router for cpu_depth must exist
+            i = w.index(rc.cpu_depth)
+            weights = (w.weight[i], w.bias[i])
+    elif rc.scorer == "learned":
+        raise ConfigError("routing.scorer=learned needs a checkpoint with a fitted router (router.safetensors; "
+                          "python -m experiments.train_small writes one): give checkpoint=<dir> or another "
+                          "routing.scorer (confidence, entropy, attention, random)")
+    return MoRRuntime(model, cache, rc.cpu_depth, rc.gpu_depth, rc.shallow_device, weights)
 
 
 def build_torch(cfg: DictConfig) -> TorchSetup:
@@ -67,8 +130,13 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         spec = spec_from_checkpoint(str(cfg.checkpoint), data["dtype"])
     else:
         spec = ModelSpec.from_config(data)
+    pp = torch_pipeline_depth(cfg)
+    if pp > 1:
+        from wicore.runtime.pipeline import pipeline_devices
+
+        devices = pipeline_devices(device, pp, spec.num_layers, torch.cuda.device_count())
     mem = memory_config(cfg)
-    placement = StaticPlacement(spec, hw, [0], 1, 1, mem)  # decides before anything is allocated
+    placement = StaticPlacement(spec, hw, list(range(pp)), 1, pp, mem)  # decides before anything is allocated
     if placement.offload_tier == "nvme":
         raise ConfigError(f"backend=torch: {placement.offloaded_bytes / 2**30:.1f} GiB of weights must be offloaded, "
                           "more than host memory holds (memory.host_memory_utilization, memory.swap_space_gib); "
@@ -83,6 +151,8 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         raise ConfigError(f"model={spec.name}: random weights for {spec.weight_bytes / 2**30:.0f} GiB would not fit "
                           f"this host's {hw.cpu.dram_gib:.0f} GiB; give checkpoint=<dir> or a small spec "
                           "(model=tiny-gemma3)")
+    if pp > 1:
+        return _build_pipeline(cfg, spec, hw, placement, devices, workload, slots, max_len)
     home = torch.device("cpu") if placement.offloading else device  # streamed layers stay on the host
     if cfg.get("checkpoint"):
         model, spec = load_checkpoint(str(cfg.checkpoint), device=home, dtype=to_torch_dtype(data["dtype"]))
@@ -98,9 +168,11 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     cache = KVCache(spec, slots, max_len, device=device, dtype=to_torch_dtype(spec.dtype))
     pool = PagePool(slots * max_len // mem.page_tokens, mem.page_tokens, placement.page_bytes)
     recorder = Recorder()
-    engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder)
+    router = make_router(cfg, spec)
+    engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder, router=router)
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"seed": int(cfg.seed), "measure_attention": bool(bc.measure_attention),
+                          "mor": _mor_runtime(cfg, router, model, cache) if router is not None else None,
                           "page_tokens": mem.page_tokens}
     if streamer is None:
         backend = TorchBackend(model, cache, t0, **kw)
@@ -111,10 +183,22 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     return TorchSetup(engine, backend, workload, recorder, hw, spec, placement, t0)
 
 
-def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[str, Any]:
+def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False,
+              prompts: Sequence[list[int]] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` on the real runtime and write its results to ``out``. ``prompts``: token ids of real
+    prompts (request ``i`` gets ``prompts[i % len(prompts)]``, which also sets its prompt length);
+    None: the workload's lengths with deterministic pseudo-random ids."""
     from wicore.runtime.driver import TorchDriver
 
     s = build_torch(cfg)
+    if prompts:
+        make = s.workload.request
+
+        def with_prompt(i: int, arrival_time: float, user: int | None = None) -> Request:
+            ids = list(prompts[i % len(prompts)])
+            return replace(make(i, arrival_time, user), prompt_ids=ids, prompt_tokens=len(ids))
+
+        s.workload.request = with_prompt  # type: ignore[method-assign]
     out.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress_bar:
@@ -125,11 +209,18 @@ def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[st
         if bar is not None:
             bar.update(n)
 
-    driver = TorchDriver(s.engine, s.backend, s.workload, s.t0, progress=progress)
-    end = driver.run()
-    if bar is not None:
-        bar.close()
-    run_info = {"backend": "torch", "hardware": f"{s.hw.gpu.name} ({s.backend.device})", "parallel": "1x(tp1,pp1)",
-                "wall_s": end, "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else "random weights"}
-    return write_results(cfg, out, s.recorder, s.hw, s.spec, SLO(**plain(cfg.slo)), end, run_info,
-                         {**s.placement.describe(), **s.backend.describe()}, None)
+    try:
+        driver = TorchDriver(s.engine, s.backend, s.workload, s.t0, progress=progress)
+        end = driver.run()
+        if bar is not None:
+            bar.close()
+        device = ",".join(s.backend.cfg.devices) if s.pp > 1 else s.backend.device
+        run_info = {"backend": "torch", "hardware": f"{s.hw.gpu.name} ({device})", "parallel": f"1x(tp1,pp{s.pp})",
+                    "wall_s": end, "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else "random weights"}
+        return write_results(cfg, out, s.recorder, s.hw, s.spec, SLO(**plain(cfg.slo)), end, run_info,
+                             {**s.placement.describe(), **s.backend.describe()}, None)
+    finally:
+        if s.pp > 1:
+            s.backend.close()
+        if getattr(s.backend, "mor", None) is not None:
+            s.backend.mor.close()
