@@ -6,16 +6,7 @@
 # Wheels for packages the GPU image lacks may be put in .whl/ (hydra, simpy, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  need=""
-  for w in .whl/*; do
-    mod=$(basename "$w" | sed -E 's/^(hydra_core|hydra-core).*/hydra/; s/^omegaconf.*/omegaconf/; s/^simpy.*/simpy/;
-      s/^antlr4.*/antlr4/; s/^pyarrow.*/pyarrow/; s/^hydra_joblib_launcher.*/hydra_plugins.hydra_joblib_launcher/')
-    python3 -c "import $mod" 2>/dev/null || need="$need $w"
-  done
-  [ -n "$need" ] && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site $need
-fi
+source benchmarks/gpu_env.sh
 COMMON="model=gemma3-1b workload.num_requests=128 workload.concurrency=32 progress=false report.enabled=false"
 python3 run_experiment.py backend=torch backend.max_len=4096 $COMMON hydra.run.dir=$OUT/torch 2>&1 | tail -3
 python3 run_experiment.py hardware=h100 $COMMON hydra.run.dir=$OUT/sim 2>&1 | tail -3

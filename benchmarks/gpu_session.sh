@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU runs behind the committed GPU results of MoR routing, calibration + validation and
+# pipeline parallelism, in stages that each fit one device call. Usage on the GPU machine:
+#   OUT=/some/dir bash benchmarks/gpu_session.sh mor      # train the small model, MoR quality + speed
+#   OUT=/some/dir bash benchmarks/gpu_session.sh profile  # profile -> calibration tables (the grid's models)
+#   OUT=/some/dir bash benchmarks/gpu_session.sh validate # the validation grid's torch side (1 GPU)
+#   OUT=/some/dir bash benchmarks/gpu_session.sh pp       # 2 GPUs: pipeline benchmark + the grid's 2-GPU entries
+# Everything a stage writes lands in $OUT/<stage>/ and is packed into $OUT/<stage>.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/gpu_env.sh
+stage=${1:?stage: mor | profile | validate | same-machine | pp}
+R=$OUT/$stage
+mkdir -p "$R"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$R/torch.txt"
+case $stage in
+  mor)
+    CK=/tmp/wicore-small
+    # 5 passes over the corpus: the held-out loss is lowest there (8 passes overfit, see training_log.json)
+    timeout 200 python3 -m experiments.train_small --out $CK --minutes 3 --epochs 5 --device cuda > "$R/train_log.txt" 2>&1
+    tail -4 "$R/train_log.txt"; date
+    mkdir -p "$R/model"
+    cp $CK/training_log.json $CK/router_config.json $CK/signals.parquet $CK/config.json "$R/model/" 2>/dev/null
+    timeout 120 python3 benchmarks/mor_quality.py --checkpoint $CK --device cuda --out "$R/mor_quality" > "$R/quality_log.txt" 2>&1
+    tail -3 "$R/quality_log.txt"; date
+    timeout 200 python3 -m benchmarks.gpu_mor --checkpoint $CK --out "$R/gpu_mor" > "$R/gpu_mor_log.txt" 2>&1
+    tail -25 "$R/gpu_mor_log.txt"; date
+    ;;
+  profile)
+    mkdir -p "$R/calibration"
+    for md in tiny-gemma3:fp32:40 tiny-gemma3:bf16:40 gemma3-1b:bf16:200 gemma3-1b:fp16:200; do
+      IFS=: read -r m d limit <<< "$md"
+      extra=--no-primitives; [ "$m:$d" = gemma3-1b:bf16 ] && extra=""
+      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda \
+        --out "$R/calibration/h100_${m}_${d}.csv" $extra > "$R/calibration/log_${m}_${d}.txt" 2>&1
+      tail -2 "$R/calibration/log_${m}_${d}.txt"; date
+    done
+    ;;
+  validate)
+    timeout ${VALIDATE_S:-500} python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" \
+      > "$R/validate_log.txt" 2>&1
+    tail -40 "$R/validate_log.txt"; date
+    ;;
+  same-machine)
+    # calibration and validation on one machine: the runtime is host-bound, so machines differ
+    mkdir -p "$R/calibration"
+    for md in tiny-gemma3:fp32 gemma3-1b:bf16; do
+      IFS=: read -r m d <<< "$md"
+      timeout 150 python3 -m wicore.cli profile --model $m --dtype $d --device cuda --no-primitives \
+        --out "$R/calibration/h100_${m}_${d}.csv" > "$R/calibration/log_${m}_${d}.txt" 2>&1
+      tail -1 "$R/calibration/log_${m}_${d}.txt"; date
+    done
+    timeout 260 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" \
+      --only 'tiny-c*-short,tiny-c*-long,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked' > "$R/validate_log.txt" 2>&1
+    tail -5 "$R/validate_log.txt"; date
+    ;;
+  pp)
+    timeout 300 python3 benchmarks/gpu_pipeline.py --out "$R/gpu_pipeline" > "$R/pipeline_log.txt" 2>&1
+    tail -30 "$R/pipeline_log.txt"; date
+    timeout 100 python3 -m experiments.validate --backends torch --only '*pp2' --out "$R/validation" \
+      > "$R/validate_log.txt" 2>&1
+    tail -8 "$R/validate_log.txt"; date
+    ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
+tar -C "$OUT" -czf "$OUT/$stage.tgz" "$stage" && rm -rf "$R"
+ls -la "$OUT"
