@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -54,6 +54,20 @@ case $stage in
     timeout 260 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" \
       --only 'tiny-c*-short,tiny-c*-long,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked' > "$R/validate_log.txt" 2>&1
     tail -5 "$R/validate_log.txt"; date
+    ;;
+  graphs)
+    timeout 120 python3 -m pytest -q -m gpu tests/test_graph_decode.py -p no:cacheprovider 2>&1 | tail -5
+    C="backend=torch model=gemma3-1b workload.num_requests=64 workload.concurrency=16 progress=false report.enabled=false"
+    for g in false true false true; do
+      timeout 90 python3 run_experiment.py $C backend.cuda_graphs=$g hydra.run.dir="$R/engine_graphs_$g" 2>&1 | tail -1
+    done
+    python3 - "$R" <<'PY'
+import json, sys, glob
+for d in sorted(glob.glob(sys.argv[1] + "/engine_graphs_*")):
+    s = json.load(open(d + "/summary.json"))
+    print(d.rsplit("/", 1)[1], f"{s['output_tokens_per_s']:.1f} tok/s  TPOT p50 {s['tpot_p50'] * 1e3:.2f} ms  "
+          f"TTFT p50 {s['ttft_p50'] * 1e3:.1f} ms")
+PY
     ;;
   pp)
     timeout 300 python3 benchmarks/gpu_pipeline.py --out "$R/gpu_pipeline" > "$R/pipeline_log.txt" 2>&1

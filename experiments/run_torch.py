@@ -97,6 +97,15 @@ def _mor_runtime(cfg: DictConfig, router: Any, model: Any, cache: Any) -> Any:
     return MoRRuntime(model, cache, rc.cpu_depth, rc.gpu_depth, rc.shallow_device, weights)
 
 
+def cuda_graphs_enabled(value: Any, device: Any) -> bool:
+    """``backend.cuda_graphs``: true (graphs on CUDA, the same padded path eagerly elsewhere), false, or
+    auto (on for CUDA devices only). Routing and weight streaming always decode eagerly."""
+    text = str(value).lower()
+    if text not in ("true", "false", "auto"):
+        raise ConfigError(f"backend.cuda_graphs: '{value}' is not one of true, false, auto")
+    return text == "true" or (text == "auto" and device.type == "cuda")
+
+
 def build_torch(cfg: DictConfig) -> TorchSetup:
     """Load (or build) the model and wire engine + TorchBackend; every check runs here."""
     import torch
@@ -117,6 +126,7 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         raise ConfigError(f"backend.device: '{bc.device}' is not a torch device ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("backend.device=cuda but torch sees no CUDA device; use backend.device=cpu")
+    want_graphs = cuda_graphs_enabled(bc.get("cuda_graphs", False), device)
     hw = probe(measure=False)
     budget = bc.get("gpu_budget_gib")
     if budget is not None:  # emulate a smaller GPU (e.g. a 16 GB T10 on an 80 GB card)
@@ -165,17 +175,19 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         streamed = [layer for layer, _ in placement.placements[0].streamed]
         streamer = offload_model(model, streamed, device, host_format=str(bc.get("host_format") or "auto"),
                                  buffers=mem.stream_buffer_layers, lookahead=mem.stream_buffer_layers - 1)
-    cache = KVCache(spec, slots, max_len, device=device, dtype=to_torch_dtype(spec.dtype))
+    router = make_router(cfg, spec)
+    # CUDA-graph decode: one extra KV slot is the scratch slot of the padding rows
+    graphs = want_graphs and streamer is None and router is None
+    cache = KVCache(spec, slots + int(graphs), max_len, device=device, dtype=to_torch_dtype(spec.dtype))
     pool = PagePool(slots * max_len // mem.page_tokens, mem.page_tokens, placement.page_bytes)
     recorder = Recorder()
-    router = make_router(cfg, spec)
     engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder, router=router)
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"seed": int(cfg.seed), "measure_attention": bool(bc.measure_attention),
                           "mor": _mor_runtime(cfg, router, model, cache) if router is not None else None,
                           "page_tokens": mem.page_tokens}
     if streamer is None:
-        backend = TorchBackend(model, cache, t0, **kw)
+        backend = TorchBackend(model, cache, t0, cuda_graphs=graphs, **kw)
     else:
         from wicore.runtime.offload import StreamingTorchBackend
 

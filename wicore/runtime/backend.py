@@ -17,6 +17,11 @@ Memory ops: this class runs with every weight resident on the device and
 rejects plans that stream weights; with offloading, ``experiments.run_torch``
 uses ``wicore.runtime.offload.StreamingTorchBackend``, which streams the layers
 the placement names from pinned host memory.
+
+``cuda_graphs=True``: the batched decode forward runs through
+``wicore.runtime.graph_decode.GraphDecode`` (CUDA graphs per batch-size bucket on a
+GPU, the same padded path eagerly elsewhere); the cache's last slot is its scratch
+slot and is never given to a request. Not used with MoR routing or streaming.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.sampling import sample
 from wicore.model.transformer import ModelOutput, Transformer
+from wicore.runtime.graph_decode import GraphDecode
 from wicore.runtime.mor import MoRRuntime
 from wicore.runtime.signals import measure, to_dicts
 from wicore.types import BlockRef, OpTiming, Phase, Request, StepPlan, StepResult
@@ -37,7 +43,8 @@ from wicore.types import BlockRef, OpTiming, Phase, Request, StepPlan, StepResul
 
 class TorchBackend:
     def __init__(self, model: Transformer, cache: KVCache, clock_start: float, seed: int = 0,
-                 measure_attention: bool = False, page_tokens: int = 16, mor: MoRRuntime | None = None) -> None:
+                 measure_attention: bool = False, page_tokens: int = 16, mor: MoRRuntime | None = None,
+                 cuda_graphs: bool = False) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.device
@@ -47,10 +54,22 @@ class TorchBackend:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.seed = seed
         self.slots: dict[int, int] = {}
-        self.free_slots = list(range(cache.max_slots - 1, -1, -1))
+        # cuda_graphs: the cache's last slot is the scratch slot of GraphDecode's padding rows (the caller
+        # allocated one slot more); it is never handed out. Graphs are not used with MoR routing or streaming.
+        self.cuda_graphs = cuda_graphs
+        real = cache.max_slots - 1 if cuda_graphs else cache.max_slots
+        self.free_slots = list(range(real - 1, -1, -1))
+        self.graph: GraphDecode | None = None
+        if cuda_graphs and mor is None and not self._streams_layers():
+            self.graph = GraphDecode(model, cache, None, measure_attention, page_tokens, scratch_slot=real)
         self.requests: dict[int, Request] = {}
         self.tokens: dict[int, list[int]] = {}  # prompt (+ generated) ids per request
         self.mor = mor  # MoR routing: routed decode rows + routing signals of every emitted token
+
+    def _streams_layers(self) -> bool:
+        from wicore.runtime.offload import StreamingTorchBackend  # offload imports this module
+
+        return isinstance(self, StreamingTorchBackend)
 
     # ----- requests --------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -136,6 +155,14 @@ class TorchBackend:
             if mass is not None:
                 mass_rows = [(r, mass[i]) for i, r in enumerate(rids)]
             emit_ids += rids
+        elif dec and self.graph is not None and self.graph.measure_attention == self.measure_attention:
+            rids = [it.request_id for it in dec]
+            g_logits, g_mass = self.graph.run([self.tokens[r][it.context_len] for r, it in zip(rids, dec)],
+                                              [it.context_len for it in dec], [self._slot(r) for r in rids])
+            last_logits.append(g_logits[:len(dec)])  # padding rows dropped
+            if g_mass is not None:
+                mass_rows = [(r, g_mass[i]) for i, r in enumerate(rids)]
+            emit_ids += rids
         elif dec:
             x = torch.tensor([[self.tokens[it.request_id][it.context_len]] for it in dec], device=dev)
             pos = torch.tensor([[it.context_len] for it in dec], device=dev)
@@ -202,5 +229,7 @@ class TorchBackend:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"device": str(self.device), "kv_slots": self.cache.max_slots, "kv_len": self.cache.max_len,
-                "kv_cache_bytes": self.cache.nbytes}
+        info: dict[str, Any] = {"device": str(self.device), "kv_slots": self.cache.max_slots - int(self.cuda_graphs),
+                                "kv_len": self.cache.max_len, "kv_cache_bytes": self.cache.nbytes}
+        info.update(self.graph.describe() if self.graph is not None else {"cuda_graphs": "off"})
+        return info
