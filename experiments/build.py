@@ -4,6 +4,7 @@ the simulation starts, so a bad config fails at start-up with one line."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import simpy
@@ -30,6 +31,7 @@ from wicore.memory.placement import MemoryConfig, StaticPlacement
 from wicore.metrics import SLO, Recorder
 from wicore.model.spec import ModelSpec
 from wicore.routing.router import MoRRouter, RoutingConfig
+from wicore.routing_quality import load_quality_table
 from wicore.scheduler.scheduler import Scheduler
 
 
@@ -103,6 +105,15 @@ def pick(table: Any, name: str, field: str) -> Any:
     return instantiate(table[name])
 
 
+def resolve_path(path: str) -> Path:
+    """A config path: absolute, or relative to the repository root, else to the working directory."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    root = Path(__file__).resolve().parent.parent / p
+    return root if root.exists() else p
+
+
 def make_router(cfg: DictConfig, model: ModelSpec) -> MoRRouter | None:
     """The token router of one replica (``routing`` group), or None when routing is off. Every
     routing field is checked here, at start-up; each call returns a router with its own state."""
@@ -112,6 +123,8 @@ def make_router(cfg: DictConfig, model: ModelSpec) -> MoRRouter | None:
     conf = RoutingConfig(threshold=rc.threshold, cpu_depth=rc.cpu_depth, gpu_depth=rc.gpu_depth,
                          shallow_device=str(rc.shallow_device), scorer=str(rc.scorer)).validate(model.num_layers)
     factory = pick(rc.scorers, conf.scorer, "routing.scorer")
+    if rc.get("quality_table"):
+        load_quality_table(resolve_path(str(rc.quality_table)))  # fail at start-up, not after the run
     return MoRRouter(conf, factory())
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from wicore.errors import ConfigError
 
@@ -48,6 +48,20 @@ def task(cfg: DictConfig) -> float | None:
              s["requests"], s["run"]["wall_s"])
     log.info("results in %s (report.md)", out)
     return float(s["output_tokens_per_s"])
+
+
+def job_dirname(overrides: str, limit: int = 120) -> str:
+    """A sweep job's folder name from its overrides, cut to ``limit`` characters (file systems allow 255)
+    with a short hash of the whole so names stay unique; the full overrides are in .hydra/overrides.yaml."""
+    if len(overrides) <= limit:
+        return overrides
+    import hashlib
+
+    return f"{overrides[:limit]}...{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
+if not OmegaConf.has_resolver("wicore_dirname"):
+    OmegaConf.register_new_resolver("wicore_dirname", job_dirname)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -122,6 +122,24 @@ def run_sim(cfg: DictConfig, out: Path, progress_bar: bool = False) -> dict[str,
                          setup.placements[0].describe(), bounds, extra=extra)
 
 
+def routing_quality(cfg: DictConfig, model: ModelSpec, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Quality expected at this run's deep-token share (``routing.quality_table``), or None."""
+    rc = cfg.get("routing")
+    if rc is None or not rc.get("enabled") or not rc.get("quality_table"):
+        return None
+    from experiments.build import resolve_path
+    from wicore.routing_quality import expected_quality, load_quality_table
+
+    path = resolve_path(str(rc.quality_table))
+    gpu_depth = int(rc.gpu_depth) if rc.get("gpu_depth") is not None else model.num_layers
+    found = expected_quality(load_quality_table(path), str(rc.scorer), int(rc.cpu_depth), gpu_depth,
+                             float(summary.get("deep_token_fraction", float("nan"))))
+    if found is None:
+        return {"table": str(rc.quality_table), "note": f"no curve for scorer={rc.scorer} cpu_depth={rc.cpu_depth} "
+                                                        f"gpu_depth={gpu_depth} in the table (or nothing was routed)"}
+    return {"table": str(rc.quality_table), **found}
+
+
 def write_results(cfg: DictConfig, out: Path, recorder: Recorder, hw: HardwareSpec, model: ModelSpec, slo: SLO,
                   end: float, run_info: dict[str, Any], placement: dict[str, Any],
                   bounds: Bounds | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -140,6 +158,9 @@ def write_results(cfg: DictConfig, out: Path, recorder: Recorder, hw: HardwareSp
     if bounds is not None:
         summary["bounds"] = {k: getattr(bounds, k) for k in bounds.__dataclass_fields__}
     summary.update(extra or {})
+    quality = routing_quality(cfg, model, summary)
+    if quality is not None:
+        summary["routing_quality"] = quality
     write_tables(out, req, steps, tiers)
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
     if bounds is not None:

@@ -407,6 +407,13 @@ def _reading(s: dict[str, Any], steps: pd.DataFrame, targets: list[dict[str, Any
         n_routed = sum(float(steps[c].sum()) for c in ("deep_tokens", "shallow_tokens") if c in steps)
         out.append(f"Token routing (MoR) sent {pct(deep_frac)} of {fmt(n_routed)} routed decode tokens down "
                    f"the deep path and {pct(1 - deep_frac)} down the shallow one.")
+        q = s.get("routing_quality") or {}
+        if "agreement" in q:
+            out.append(f"At that deep share, the quality table {q.get('table')} (measured teacher-forced on its own "
+                       f"model) gives {pct(q['agreement'])} next-token agreement with full depth and a perplexity "
+                       f"change of {float(q['ppl_change_pct']):+.1f} %.")
+        elif q:
+            out.append(f"Routing quality: {q.get('note')}.")
     if placement and _num(placement.get("offloaded_gib")) > 0:
         out.append(f"{fmt(placement.get('offloaded_gib'))} GiB of weights do not fit on the GPUs and "
                    f"{fmt(placement.get('streamed_per_step_per_gpu_gib'))} GiB per GPU are streamed in "

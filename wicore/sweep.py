@@ -224,6 +224,8 @@ def summarize_sweep(sweep_dir: Path) -> Path:
         cols = MAIN + ([("deep_token_fraction", "deep tokens", pct)]  # token routing was on in some job
                        if pd.to_numeric(ok.get("deep_token_fraction", pd.Series(dtype=float)),
                                         errors="coerce").notna().any() else [])
+        if pd.to_numeric(ok.get("routing_quality.agreement", pd.Series(dtype=float)), errors="coerce").notna().any():
+            cols = cols + [("routing_quality.agreement", "expected agreement", pct)]  # routing.quality_table given
         header = ["job", "overrides"] + [h for _, h, _ in cols]
         rows = [[str(r["job"]), lab] + [f(r.get(c)) for c, _, f in cols]
                 for (_, r), lab in zip(ok.iterrows(), ok_labels)]
