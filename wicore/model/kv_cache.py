@@ -25,16 +25,24 @@ from wicore.model.spec import ModelSpec
 
 class KVCache:
     def __init__(self, spec: ModelSpec, max_slots: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 layers: range | None = None) -> None:
+        """``layers``: the layers that get buffers (a pipeline stage's); the others hold empty
+        [max_slots, 0] tensors. None: every layer."""
         if max_slots <= 0 or max_len <= 0:
             raise ConfigError(f"kv cache: max_slots and max_len must be positive, got {max_slots}, {max_len}")
         if max_len > spec.max_context:
             raise ConfigError(f"kv cache: max_len={max_len} exceeds the model's max_context={spec.max_context}")
         self.spec, self.max_slots, self.max_len = spec, max_slots, max_len
         self.device, self.dtype = torch.device(device), dtype
+        self.layers = layers if layers is not None else range(spec.num_layers)
         shape = (max_slots, spec.num_kv_heads, max_len, spec.head_dim)
-        self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(spec.num_layers)]
+
+        def buf(i: int) -> Tensor:
+            return torch.zeros(shape if i in self.layers else (max_slots, 0), device=self.device, dtype=dtype)
+
+        self.k = [buf(i) for i in range(spec.num_layers)]
+        self.v = [buf(i) for i in range(spec.num_layers)]
         self._positions = torch.arange(max_len, device=self.device)
 
     @property

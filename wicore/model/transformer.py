@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -78,6 +79,42 @@ class ModelOutput(NamedTuple):
     mass: Tensor | None  # [B, num_pages] with return_attention_mass, else None
     hidden: Tensor  # final-normed hidden state [B, T or 1, H], model dtype
     taps: tuple[Tensor, ...]  # final-normed hidden state after tap_layers[i] layers, each like hidden
+
+
+@dataclass
+class LayerContext:
+    """What every decoder layer of one forward needs besides its input: the global and local
+    (sliding-window) attention masks and the RoPE tables of the two bases."""
+
+    global_mask: Tensor
+    local_mask: Tensor | None
+    cos_g: Tensor
+    sin_g: Tensor
+    cos_l: Tensor
+    sin_l: Tensor
+
+    def for_layer(self, layer: DecoderLayer) -> tuple[Tensor, Tensor, Tensor]:
+        """(cos, sin, mask) of ``layer``."""
+        if layer.is_global or self.local_mask is None:
+            return self.cos_g, self.sin_g, self.global_mask
+        return self.cos_l, self.sin_l, self.local_mask
+
+
+def layer_context(spec: ModelSpec, positions: Tensor, key_positions: Tensor, inv_freq_global: Tensor,
+                  inv_freq_local: Tensor, dtype: torch.dtype) -> LayerContext:
+    """Masks and RoPE tables for queries at ``positions`` [B, T] over keys at ``key_positions``."""
+    global_mask, local_mask = attention_masks(positions, key_positions, spec.sliding_window)
+    cos_g, sin_g = rope_cos_sin(positions, inv_freq_global, dtype)
+    local = local_mask is not None and spec.num_local_layers > 0
+    cos_l, sin_l = rope_cos_sin(positions, inv_freq_local, dtype) if local else (cos_g, sin_g)
+    return LayerContext(global_mask, local_mask, cos_g, sin_g, cos_l, sin_l)
+
+
+def mass_per_page(mass: Tensor, page_size: int) -> Tensor:
+    """Attention mass per position [B, S] summed per page of ``page_size`` positions: [B, ceil(S / page_size)]."""
+    b, s = mass.shape
+    pages = -(-s // page_size)
+    return F.pad(mass, (0, pages * page_size - s)).view(b, pages, page_size).sum(-1)
 
 
 def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -185,6 +222,15 @@ class Transformer(nn.Module):
             self._embed_scale[dtype] = float(torch.tensor(math.sqrt(self.spec.hidden_size)).to(dtype))
         return self._embed_scale[dtype]
 
+    def embed(self, input_ids: Tensor, table: nn.Module | None = None) -> Tensor:
+        """Token embeddings (Gemma: times sqrt(hidden) rounded to the dtype); ``table``: another copy of
+        ``embed_tokens`` (e.g. on another device) to look them up in."""
+        x = (table or self.embed_tokens)(input_ids)
+        return x * self.embed_scale(x.dtype) if self.spec.family == "gemma3" else x
+
+    def context(self, positions: Tensor, key_positions: Tensor, dtype: torch.dtype) -> LayerContext:
+        return layer_context(self.spec, positions, key_positions, self.inv_freq_global, self.inv_freq_local, dtype)
+
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None,
                 slots: Tensor | None = None, return_attention_mass: bool = False, *,
                 lengths: Tensor | None = None, last_only: bool = False,
@@ -207,13 +253,8 @@ class Transformer(nn.Module):
         bad_taps = [k for k in tap_layers if not 0 <= k <= spec.num_layers]
         if bad_taps:
             raise ValueError(f"tap_layers: {bad_taps} outside 0..num_layers={spec.num_layers}")
-        x = self.embed_tokens(input_ids)
-        x = x * self.embed_scale(x.dtype) if spec.family == "gemma3" else x
-        k_pos = cache.key_positions if cache is not None else positions
-        global_mask, local_mask = attention_masks(positions, k_pos, spec.sliding_window)
-        cos_g, sin_g = rope_cos_sin(positions, self.inv_freq_global, x.dtype)
-        local = local_mask is not None and spec.num_local_layers > 0
-        cos_l, sin_l = rope_cos_sin(positions, self.inv_freq_local, x.dtype) if local else (cos_g, sin_g)
+        x = self.embed(input_ids)
+        ctx = self.context(positions, cache.key_positions if cache is not None else positions, x.dtype)
         last = lengths - 1 if lengths is not None else torch.full((b,), t - 1, device=x.device)
         mass_index = last if return_attention_mass else None
         use_sdpa = self.attn_impl == "sdpa" or (self.attn_impl == "auto" and t > 1)
@@ -221,10 +262,8 @@ class Transformer(nn.Module):
         states: dict[int, Tensor] = {0: x} if 0 in tap_layers else {}
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
-            if layer.is_global or local_mask is None:
-                new, mass = layer(x, cos_g, sin_g, global_mask, positions, cache, slots, mass_index, use_sdpa)
-            else:
-                new, mass = layer(x, cos_l, sin_l, local_mask, positions, cache, slots, mass_index, use_sdpa)
+            cos, sin, mask = ctx.for_layer(layer)
+            new, mass = layer(x, cos, sin, mask, positions, cache, slots, mass_index, use_sdpa)
             x = new if exit_layer is None else torch.where((exit_layer > i).unsqueeze(-1), new, x)
             if i + 1 in tap_layers:
                 states[i + 1] = x
@@ -236,9 +275,7 @@ class Transformer(nn.Module):
         logits = F.linear(x, self.output_weight).float()
         mass_out: Tensor | None = None
         if total is not None:
-            mass = total / spec.num_layers
-            pages = -(-mass.shape[-1] // page_size)
-            mass_out = F.pad(mass, (0, pages * page_size - mass.shape[-1])).view(b, pages, page_size).sum(-1)
+            mass_out = mass_per_page(total / spec.num_layers, page_size)
         if not return_hidden and not tap_layers:
             return logits if mass_out is None else (logits, mass_out)
         taps = []

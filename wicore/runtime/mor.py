@@ -27,59 +27,21 @@ from __future__ import annotations
 
 import copy
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from wicore.model.kv_cache import KVCache
-from wicore.model.layers import attention_masks, rope_cos_sin
-from wicore.model.transformer import DecoderLayer, Transformer
+from wicore.model.transformer import DecoderLayer, LayerContext, Transformer, layer_context, mass_per_page
 
 
-@dataclass
-class Context:
-    """Masks and RoPE tables of one forward (decode rows: positions [B, 1])."""
-
-    global_mask: Tensor
-    local_mask: Tensor | None
-    cos_g: Tensor
-    sin_g: Tensor
-    cos_l: Tensor
-    sin_l: Tensor
-
-    def for_layer(self, layer: DecoderLayer) -> tuple[Tensor, Tensor, Tensor]:
-        if layer.is_global or self.local_mask is None:
-            return self.cos_g, self.sin_g, self.global_mask
-        return self.cos_l, self.sin_l, self.local_mask
-
-
-def make_context(positions: Tensor, key_positions: Tensor, window: int, inv_g: Tensor, inv_l: Tensor,
-                 dtype: torch.dtype) -> Context:
-    g_mask, l_mask = attention_masks(positions, key_positions, window)
-    cos_g, sin_g = rope_cos_sin(positions, inv_g, dtype)
-    cos_l, sin_l = rope_cos_sin(positions, inv_l, dtype) if l_mask is not None else (cos_g, sin_g)
-    return Context(g_mask, l_mask, cos_g, sin_g, cos_l, sin_l)
-
-
-def embed(model: Transformer, ids: Tensor, embedding: torch.nn.Module | None = None) -> Tensor:
-    x = (embedding or model.embed_tokens)(ids)
-    return x * model.embed_scale(x.dtype) if model.spec.family == "gemma3" else x
-
-
-def fill_kv(layer: DecoderLayer, x: Tensor, ctx: Context, positions: Tensor, cache: KVCache,
+def fill_kv(layer: DecoderLayer, x: Tensor, ctx: LayerContext, positions: Tensor, cache: KVCache,
             slots: Tensor) -> None:
     """Write the K/V this layer would write for hidden states ``x`` (state propagation), nothing else."""
     cos, sin, _ = ctx.for_layer(layer)
     _, k, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
     cache.update(layer.index, k, v, slots, positions)
-
-
-def _pages(mass: Tensor, page_size: int) -> Tensor:
-    b, s = mass.shape
-    pages = -(-s // page_size)
-    return F.pad(mass, (0, pages * page_size - s)).view(b, pages, page_size).sum(-1)
 
 
 def routed_decode(model: Transformer, ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
@@ -91,11 +53,9 @@ def routed_decode(model: Transformer, ids: Tensor, positions: Tensor, cache: KVC
     Equal to ``model(..., exit_layer=depths)`` up to floating-point order; skips the attention and MLP of
     layers no row runs.
     """
-    spec = model.spec
     dmin, dmax = min(depths), max(depths)
-    x = embed(model, ids)
-    ctx = make_context(positions, cache.key_positions, spec.sliding_window, model.inv_freq_global,
-                       model.inv_freq_local, x.dtype)
+    x = model.embed(ids)
+    ctx = model.context(positions, cache.key_positions, x.dtype)
     depth_t = torch.tensor(depths, device=x.device).view(-1, 1, 1) if dmin < dmax else None
     mass_index = torch.zeros(len(depths), dtype=torch.long, device=x.device) if measure_mass else None
     total: Tensor | None = None
@@ -111,7 +71,7 @@ def routed_decode(model: Transformer, ids: Tensor, positions: Tensor, cache: KVC
             total = mass if total is None else total + mass
     h = model.norm(x)[:, -1]
     logits = F.linear(h, model.output_weight).float()
-    mass_out = _pages(total / dmax, page_size) if total is not None else None
+    mass_out = mass_per_page(total / dmax, page_size) if total is not None else None
     return logits, h, mass_out
 
 
@@ -133,7 +93,7 @@ class CPUShallowPath:
             self.layers.append(layer)
         self.inv_g = model.inv_freq_global.to(self.cpu)
         self.inv_l = model.inv_freq_local.to(self.cpu)
-        self.cache = KVCache(replace(spec, num_layers=depth), cache.max_slots, cache.max_len, self.cpu, self.dtype)
+        self.cache = KVCache(spec, cache.max_slots, cache.max_len, self.cpu, self.dtype, layers=range(depth))
         self.synced: dict[int, int] = {}  # request id -> positions [0, n) mirrored into the CPU cache
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mor-cpu")
         if threads is not None:
@@ -168,8 +128,8 @@ class CPUShallowPath:
             spec = self.model.spec
             pos = torch.tensor(positions).view(-1, 1)
             slot_t = torch.tensor(slots)
-            x = embed(self.model, torch.tensor(ids).view(-1, 1), self.embedding).to(self.dtype)
-            ctx = make_context(pos, self.cache.key_positions, spec.sliding_window, self.inv_g, self.inv_l,
+            x = self.model.embed(torch.tensor(ids).view(-1, 1), self.embedding).to(self.dtype)
+            ctx = layer_context(spec, pos, self.cache.key_positions, self.inv_g, self.inv_l,
                                self.dtype)
             for layer in self.layers:
                 cos, sin, mask = ctx.for_layer(layer)
@@ -199,8 +159,7 @@ class CPUShallowPath:
             g.v[i][gslots, :, gpos] = kv[1, i]
         x = exit_state.to(dev, dtype, non_blocking=True)
         pos2 = gpos.view(-1, 1)
-        ctx = make_context(pos2, g.key_positions, model.spec.sliding_window, model.inv_freq_global,
-                           model.inv_freq_local, dtype)
+        ctx = model.context(pos2, g.key_positions, dtype)
         for layer in list(model.layers)[self.depth:]:
             assert isinstance(layer, DecoderLayer)
             fill_kv(layer, x, ctx, pos2, g, gslots)

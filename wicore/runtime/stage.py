@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
-from wicore.model.layers import Embedding, Linear, RMSNorm, attention_masks, rope_cos_sin
+from wicore.model.layers import Embedding, Linear, RMSNorm
 from wicore.model.spec import ModelSpec
-from wicore.model.transformer import DecoderLayer, Transformer, to_torch_dtype
+from wicore.model.transformer import DecoderLayer, Transformer, mass_per_page, to_torch_dtype
 from wicore.runtime.offload import Fill, LayerStreamer, offload_model
 
 INIT_STD = 0.02  # build_model's init_weights() default
@@ -99,17 +99,10 @@ class StageModel(Transformer):
         ``last_only=True`` returns them. No host synchronisation.
         """
         spec = self.spec
+        b, t = x.shape[0], x.shape[1]
         if self.first:
-            b, t = x.shape
-            x = self.embed_tokens(x)
-            x = x * self.embed_scale(x.dtype) if spec.family == "gemma3" else x
-        else:
-            b, t = x.shape[0], x.shape[1]
-        k_pos = cache.key_positions if cache is not None else positions
-        global_mask, local_mask = attention_masks(positions, k_pos, spec.sliding_window)
-        cos_g, sin_g = rope_cos_sin(positions, self.inv_freq_global, x.dtype)
-        local = local_mask is not None and spec.num_local_layers > 0
-        cos_l, sin_l = rope_cos_sin(positions, self.inv_freq_local, x.dtype) if local else (cos_g, sin_g)
+            x = self.embed(x)
+        ctx = self.context(positions, cache.key_positions if cache is not None else positions, x.dtype)
         last = torch.full((b,), t - 1, device=x.device)
         mass_index = last if attention_mass else None
         use_sdpa = self.attn_impl == "sdpa" or (self.attn_impl == "auto" and t > 1)
@@ -117,10 +110,8 @@ class StageModel(Transformer):
         for i in self.stage_layers:
             layer = self.layers[i]
             assert isinstance(layer, DecoderLayer)
-            if layer.is_global or local_mask is None:
-                x, m = layer(x, cos_g, sin_g, global_mask, positions, cache, slots, mass_index, use_sdpa)
-            else:
-                x, m = layer(x, cos_l, sin_l, local_mask, positions, cache, slots, mass_index, use_sdpa)
+            cos, sin, mask = ctx.for_layer(layer)
+            x, m = layer(x, cos, sin, mask, positions, cache, slots, mass_index, use_sdpa)
             if m is not None:
                 total = m if total is None else total + m
         if not self.last:
@@ -130,9 +121,7 @@ class StageModel(Transformer):
         logits = F.linear(x, self.output_weight).float()
         if total is None:
             return logits, None
-        mean = total / spec.num_layers
-        pages = -(-mean.shape[-1] // page_size)
-        return logits, F.pad(mean, (0, pages * page_size - mean.shape[-1])).view(b, pages, page_size).sum(-1)
+        return logits, mass_per_page(total / spec.num_layers, page_size)
 
 
 class StageKVCache(KVCache):
@@ -140,21 +129,7 @@ class StageKVCache(KVCache):
 
     def __init__(self, spec: ModelSpec, layers: range, max_slots: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        if max_slots <= 0 or max_len <= 0:
-            raise ConfigError(f"kv cache: max_slots and max_len must be positive, got {max_slots}, {max_len}")
-        if max_len > spec.max_context:
-            raise ConfigError(f"kv cache: max_len={max_len} exceeds the model's max_context={spec.max_context}")
-        self.spec, self.max_slots, self.max_len = spec, max_slots, max_len
-        self.device, self.dtype = torch.device(device), dtype
-        self.layers = layers
-        shape = (max_slots, spec.num_kv_heads, max_len, spec.head_dim)
-
-        def buf(i: int) -> Tensor:
-            return torch.zeros(shape if i in layers else (max_slots, 0), device=self.device, dtype=dtype)
-
-        self.k = [buf(i) for i in range(spec.num_layers)]
-        self.v = [buf(i) for i in range(spec.num_layers)]
-        self._positions = torch.arange(max_len, device=self.device)
+        super().__init__(spec, max_slots, max_len, device, dtype, layers=layers)
 
 
 @dataclass
