@@ -110,22 +110,14 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     """Load (or build) the model and wire engine + TorchBackend; every check runs here."""
     import torch
 
-    from wicore.devices import probe
+    from wicore.devices import probe, resolve_device
     from wicore.model.checkpoint import load_checkpoint, spec_from_checkpoint
     from wicore.model.kv_cache import KVCache
     from wicore.model.transformer import build_model, to_torch_dtype
     from wicore.runtime.backend import TorchBackend
 
     bc = cfg.backend
-    dev_name = str(bc.device)
-    if dev_name == "auto":
-        dev_name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(dev_name)
-    except RuntimeError as e:
-        raise ConfigError(f"backend.device: '{bc.device}' is not a torch device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("backend.device=cuda but torch sees no CUDA device; use backend.device=cpu")
+    device = resolve_device(str(bc.device), "backend.device", "backend.device=cpu")
     want_graphs = cuda_graphs_enabled(bc.get("cuda_graphs", False), device)
     hw = probe(measure=False)
     budget = bc.get("gpu_budget_gib")

@@ -15,9 +15,29 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from wicore.errors import ConfigError
 from wicore.hal import GIB, CPUSpec, GPUSpec, HardwareSpec, LinkSpec, NVMeSpec
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(name: str, field: str, cpu_hint: str) -> torch.device:
+    """The ``torch.device`` a config names (``auto``: cuda when torch sees one, else cpu). ``field`` names
+    the setting in the errors, ``cpu_hint`` how to ask for the CPU instead."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"{field}: '{name}' is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{field}=cuda but torch sees no CUDA device; use {cpu_hint}")
+    return dev
 
 
 def _host_memory_gib() -> float:

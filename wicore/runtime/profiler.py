@@ -48,6 +48,7 @@ import torch
 import yaml
 
 from sim.calibration import CalibrationTable
+from wicore import devices
 from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.spec import ModelSpec
@@ -120,15 +121,7 @@ class _Run:
 
 # ----- setup -----------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"profile --device: '{name}' is not a torch device ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("profile --device=cuda but torch sees no CUDA device; use --device cpu")
-    return dev
+    return devices.resolve_device(name, "profile --device", "--device cpu")
 
 
 def _auto_dtype(dtype: str | None, device: torch.device) -> str | None:
