@@ -4,7 +4,6 @@ the simulation starts, so a bad config fails at start-up with one line."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import simpy
@@ -30,6 +29,7 @@ from wicore.memory.page_pool import PagePool
 from wicore.memory.placement import MemoryConfig, StaticPlacement
 from wicore.metrics import SLO, Recorder
 from wicore.model.spec import ModelSpec
+from wicore.paths import resolve_config_path
 from wicore.routing.router import MoRRouter, RoutingConfig
 from wicore.routing_quality import load_quality_table
 from wicore.scheduler.scheduler import Scheduler
@@ -105,15 +105,6 @@ def pick(table: Any, name: str, field: str) -> Any:
     return instantiate(table[name])
 
 
-def resolve_path(path: str) -> Path:
-    """A config path: absolute, or relative to the repository root, else to the working directory."""
-    p = Path(path)
-    if p.is_absolute():
-        return p
-    root = Path(__file__).resolve().parent.parent / p
-    return root if root.exists() else p
-
-
 def make_router(cfg: DictConfig, model: ModelSpec) -> MoRRouter | None:
     """The token router of one replica (``routing`` group), or None when routing is off. Every
     routing field is checked here, at start-up; each call returns a router with its own state."""
@@ -124,7 +115,7 @@ def make_router(cfg: DictConfig, model: ModelSpec) -> MoRRouter | None:
                          shallow_device=str(rc.shallow_device), scorer=str(rc.scorer)).validate(model.num_layers)
     factory = pick(rc.scorers, conf.scorer, "routing.scorer")
     if rc.get("quality_table"):
-        load_quality_table(resolve_path(str(rc.quality_table)))  # fail at start-up, not after the run
+        load_quality_table(resolve_config_path(str(rc.quality_table)))  # fail at start-up, not after the run
     return MoRRouter(conf, factory())
 
 

@@ -127,10 +127,10 @@ def routing_quality(cfg: DictConfig, model: ModelSpec, summary: dict[str, Any]) 
     rc = cfg.get("routing")
     if rc is None or not rc.get("enabled") or not rc.get("quality_table"):
         return None
-    from experiments.build import resolve_path
+    from wicore.paths import resolve_config_path
     from wicore.routing_quality import expected_quality, load_quality_table
 
-    path = resolve_path(str(rc.quality_table))
+    path = resolve_config_path(str(rc.quality_table))
     gpu_depth = int(rc.gpu_depth) if rc.get("gpu_depth") is not None else model.num_layers
     found = expected_quality(load_quality_table(path), str(rc.scorer), int(rc.cpu_depth), gpu_depth,
                              float(summary.get("deep_token_fraction", float("nan"))))

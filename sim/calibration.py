@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from wicore.errors import ConfigError
+from wicore.paths import REPO_ROOT, config_path_candidates
 
 COLUMNS = ("op", "model", "dtype", "device_name", "batch", "tokens", "context", "nbytes", "seconds",
            "p10_s", "p90_s", "samples")
@@ -315,17 +316,13 @@ def meta_path_for(table: Path) -> Path:
 def find_table(value: str, field: str, roots: Sequence[Path]) -> Path:
     """Resolve a configured table path: absolute as given, relative against each of ``roots`` in
     order (the repository root first, then the working directory); ConfigError naming ``field``."""
-    p = Path(value).expanduser()
-    candidates = [p] if p.is_absolute() else [r / p for r in roots]
+    candidates = config_path_candidates(value, roots)
     for c in candidates:
         if c.is_file():
             return c.resolve()
     tried = ", ".join(str(c) for c in candidates)
     raise ConfigError(f"{field}: calibration table '{value}' not found (tried {tried}); give an absolute "
                       "path or one relative to the repository root, or run `wicore profile --out <path>`")
-
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def configured_table(backend_value: str | None, hardware_value: str | None) -> CalibrationTable | None:

@@ -34,26 +34,18 @@ from pathlib import Path
 import numpy as np
 
 from wicore.errors import ConfigError
+from wicore.paths import resolve_config_path
 from wicore.types import BatchItem
 
 SIGNAL_NAMES = ("confidence", "entropy", "router", "attention_peak")
 BLOCK = 64  # tokens per drawn block
-ROOT = Path(__file__).resolve().parent.parent
 BETA_DEFAULTS = {"difficulty_a": 1.0, "difficulty_b": 3.0, "concentration": 10.0}  # the Beta model's parameters
 _TAG = 0x4D6F52  # "MoR": keeps these streams apart from other generators seeded by (seed, request)
 
 
-def resolve_table(path: str | Path) -> Path:
-    """A signals table path: absolute, else relative to the repository root, then the cwd."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    return ROOT / p if (ROOT / p).is_file() else Path.cwd() / p
-
-
 def load_table(path: str | Path, field: str = "routing.signals_table") -> np.ndarray:
     """Rows ``[n, 4]`` (``SIGNAL_NAMES`` order) of a CSV or parquet signals table; NaN = not measured."""
-    p = resolve_table(path)
+    p = resolve_config_path(path)
     if not p.is_file():
         raise ConfigError(f"{field}: no file at {p}; give a CSV or parquet table of signals or null")
     import pandas as pd
