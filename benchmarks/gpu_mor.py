@@ -31,16 +31,9 @@ from benchmarks.mor_quality import device_name, heldout_windows  # noqa: E402
 from experiments.run_torch import run_torch  # noqa: E402
 from wicore.model.checkpoint import spec_from_checkpoint  # noqa: E402
 from wicore.model.router_weights import load_router  # noqa: E402
+from wicore.server.cli import compose  # noqa: E402
 
 H = Harness("gpu_mor")
-
-
-def compose(overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
 
 
 def thresholds(ckpt: Path, scorer: str, depth: int, shares: tuple[float, ...]) -> list[float]:

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_mor import compose  # noqa: E402
 from experiments.run import run_sim  # noqa: E402
+from wicore.server.cli import compose  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
