@@ -200,7 +200,8 @@ def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
         cost = CostModel(model, hw, tp=par.tp, pp=par.pp, kernels_per_layer=kernels)
     else:
         cost = CalibratedCostModel(model, hw, table, par.tp, par.pp, kernels,
-                                   measure_attention=bool(cfg.backend.get("measure_attention", False)), links=links)
+                                   measure_attention=bool(cfg.backend.get("measure_attention", False)), links=links,
+                                   max_num_seqs=int(cfg.scheduler.max_num_seqs))
     recorder = Recorder()
     engines, backends, placements = [], [], []
     per = par.tp * par.pp

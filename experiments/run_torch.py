@@ -97,6 +97,25 @@ def _mor_runtime(cfg: DictConfig, router: Any, model: Any, cache: Any) -> Any:
     return MoRRuntime(model, cache, rc.cpu_depth, rc.gpu_depth, rc.shallow_device, weights)
 
 
+def kv_page_budget(cfg: DictConfig, slots: int, max_len: int, page_tokens: int, pp: int) -> int:
+    """KV pages the scheduler may hand out: ``backend.kv_pages``, or (null) as many as the slots hold.
+    Fewer pages than the slots hold make the scheduler preempt (``scheduler.preemption``) when they run
+    out, as on a device whose KV budget is smaller than its slots."""
+    full = slots * max_len // page_tokens
+    value = cfg.backend.get("kv_pages")
+    if value is None:
+        return full
+    pages = int(value)
+    if pp > 1:
+        raise ConfigError(f"backend.kv_pages={pages}: a KV page budget below the slots is not implemented with "
+                          "parallel.pp > 1 on the real runtime; use backend.kv_pages=null or parallel.pp=1")
+    if not 1 <= pages <= full:
+        raise ConfigError(f"backend.kv_pages={pages}: must be between 1 and the {full} pages of {page_tokens} "
+                          f"tokens that {slots} slots (scheduler.max_num_seqs) of backend.max_len={max_len} "
+                          "tokens hold, or null (= all of them)")
+    return pages
+
+
 def cuda_graphs_enabled(value: Any, device: Any) -> bool:
     """``backend.cuda_graphs``: true (graphs on CUDA, the same padded path eagerly elsewhere), false, or
     auto (on for CUDA devices only). Routing and weight streaming always decode eagerly."""
@@ -111,9 +130,9 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     import torch
 
     from wicore.devices import probe, resolve_device
-    from wicore.model.checkpoint import load_checkpoint, spec_from_checkpoint
+    from wicore.model.checkpoint import checkpoint_fill, load_checkpoint, spec_from_checkpoint
     from wicore.model.kv_cache import KVCache
-    from wicore.model.transformer import build_model, to_torch_dtype
+    from wicore.model.transformer import Transformer, build_model, to_torch_dtype
     from wicore.runtime.backend import TorchBackend
 
     bc = cfg.backend
@@ -133,16 +152,27 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     else:
         spec = ModelSpec.from_config(data)
     pp = torch_pipeline_depth(cfg)
+    if pp > 1 and str(cfg.scheduler.preemption) == "swap":
+        raise ConfigError("scheduler.preemption=swap: KV swapping is not implemented with parallel.pp > 1 on the "
+                          "real runtime; use scheduler.preemption=recompute or parallel.pp=1")
     if pp > 1:
         from wicore.runtime.pipeline import pipeline_devices
 
         devices = pipeline_devices(device, pp, spec.num_layers, torch.cuda.device_count())
     mem = memory_config(cfg)
     placement = StaticPlacement(spec, hw, list(range(pp)), 1, pp, mem)  # decides before anything is allocated
-    if placement.offload_tier == "nvme":
-        raise ConfigError(f"backend=torch: {placement.offloaded_bytes / 2**30:.1f} GiB of weights must be offloaded, "
-                          "more than host memory holds (memory.host_memory_utilization, memory.swap_space_gib); "
-                          "the NVMe tier is not implemented on the real runtime: raise backend.gpu_budget_gib")
+    store = None
+    if placement.offload_tier == "nvme":  # the streamed layers live on the drive (int4, or int8), read every forward
+        from wicore.runtime.nvme_store import NvmeStore
+        from wicore.runtime.offload import nvme_host_format
+
+        nvme_host_format(bc.get("host_format"))  # float formats are refused before anything is written
+        if pp > 1:
+            raise ConfigError(f"memory.offload_to: {placement.offloaded_bytes / 2**30:.1f} GiB of weights go to the "
+                              "NVMe tier, which the real runtime implements for parallel.pp=1 only; use "
+                              "parallel.pp=1, memory.offload_to=cpu (if host memory holds them) or raise "
+                              "backend.gpu_budget_gib")
+        store = NvmeStore(bc.get("nvme_dir"))  # a directory we cannot write fails here, naming backend.nvme_dir
     slots = int(cfg.scheduler.max_num_seqs)
     max_len = min(int(bc.max_len), spec.max_context)
     workload = load_workload(cfg, spec)
@@ -153,10 +183,18 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         raise ConfigError(f"model={spec.name}: random weights for {spec.weight_bytes / 2**30:.0f} GiB would not fit "
                           f"this host's {hw.cpu.dram_gib:.0f} GiB; give checkpoint=<dir> or a small spec "
                           "(model=tiny-gemma3)")
+    kv_pages = kv_page_budget(cfg, slots, max_len, mem.page_tokens, pp)
     if pp > 1:
         return _build_pipeline(cfg, spec, hw, placement, devices, workload, slots, max_len)
     home = torch.device("cpu") if placement.offloading else device  # streamed layers stay on the host
-    if cfg.get("checkpoint"):
+    fill = None
+    if cfg.get("checkpoint") and store is not None:
+        # NVMe tier: a meta model whose tensors are read one at a time while the streamer writes the streamed
+        # layers to the drive, so host memory never holds the whole model
+        spec, fill = checkpoint_fill(str(cfg.checkpoint), data["dtype"])
+        with torch.device("meta"):
+            model = Transformer(spec).to(dtype=to_torch_dtype(spec.dtype)).eval()
+    elif cfg.get("checkpoint"):
         model, spec = load_checkpoint(str(cfg.checkpoint), device=home, dtype=to_torch_dtype(data["dtype"]))
     else:
         model = build_model(spec, device=home, dtype=spec.dtype, seed=int(cfg.seed))
@@ -166,14 +204,16 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
 
         streamed = [layer for layer, _ in placement.placements[0].streamed]
         streamer = offload_model(model, streamed, device, host_format=str(bc.get("host_format") or "auto"),
-                                 buffers=mem.stream_buffer_layers, lookahead=mem.stream_buffer_layers - 1)
+                                 buffers=mem.stream_buffer_layers, lookahead=mem.stream_buffer_layers - 1,
+                                 fill=fill, source="nvme" if store is not None else "host", store=store)
     router = make_router(cfg, spec)
     # CUDA-graph decode: one extra KV slot is the scratch slot of the padding rows
     graphs = want_graphs and streamer is None and router is None
     cache = KVCache(spec, slots + int(graphs), max_len, device=device, dtype=to_torch_dtype(spec.dtype))
-    pool = PagePool(slots * max_len // mem.page_tokens, mem.page_tokens, placement.page_bytes)
+    pool = PagePool(kv_pages, mem.page_tokens, placement.page_bytes)
+    swap = PagePool(placement.host_swap_pages, mem.page_tokens, placement.page_bytes, "swap")  # swap preemption
     recorder = Recorder()
-    engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder, router=router)
+    engine = Engine(make_scheduler(cfg, spec, pool, swap), placement, recorder, router=router)
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"seed": int(cfg.seed), "measure_attention": bool(bc.measure_attention),
                           "mor": _mor_runtime(cfg, router, model, cache) if router is not None else None,
@@ -184,7 +224,23 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         from wicore.runtime.offload import StreamingTorchBackend
 
         backend = StreamingTorchBackend(model, cache, t0, streamer=streamer, **kw)
+    if bool(bc.get("warmup", True)):
+        t0 = _warm_up(cfg, backend, workload, max_len)
     return TorchSetup(engine, backend, workload, recorder, hw, spec, placement, t0)
+
+
+def _warm_up(cfg: DictConfig, backend: Any, workload: Any, max_len: int) -> float:
+    """Warm the backend up (``wicore.runtime.warmup``) with the run's longest prefill chunk and every decode
+    batch size it can capture, then restart its clock; returns the new clock start."""
+    from wicore.runtime.warmup import warm_up
+
+    rows = int(cfg.scheduler.max_num_seqs)
+    batches = list(backend.graph.buckets) if getattr(backend, "graph", None) is not None else [rows]
+    longest = min(int(workload.prompts.max()), int(cfg.scheduler.max_batched_tokens))
+    backend.warmup_info = warm_up(backend, min(longest, max_len - len(batches) - 1), batches)
+    t0 = time.perf_counter()
+    backend.t0 = t0
+    return t0
 
 
 def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False,
@@ -222,7 +278,8 @@ def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False,
         run_info = {"backend": "torch", "hardware": f"{s.hw.gpu.name} ({device})", "parallel": f"1x(tp1,pp{s.pp})",
                     "wall_s": end, "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else "random weights"}
         return write_results(cfg, out, s.recorder, s.hw, s.spec, SLO(**plain(cfg.slo)), end, run_info,
-                             {**s.placement.describe(), **s.backend.describe()}, None)
+                             {**s.placement.describe(), **s.backend.describe(),
+                              "warmup": getattr(s.backend, "warmup_info", "off")}, None)
     finally:
         if s.pp > 1:
             s.backend.close()

@@ -2,6 +2,7 @@
 
     python -m experiments.validate --backends torch,sim --out DIR [--only NAME,...] [--skip-2gpu]
         [--hardware h100] [--hardware-2gpu h100x2] [--calibration CSV] [--extra OVERRIDE ...]
+        [--torch-extra OVERRIDE ...] [--repeat]
     python -m experiments.validate --report-only DIR
 
 Each grid entry (``conf/validation/grid.yaml``) runs on each backend in this process
@@ -9,7 +10,9 @@ Each grid entry (``conf/validation/grid.yaml``) runs on each backend in this pro
 usual result folder plus ``.hydra/overrides.yaml`` and ``validation.json`` (what ran, wall
 time, and on the torch side the probed device and the allocator's peak memory per GPU). A
 config that fails writes ``error.txt`` there and the others go on. Then
-``DIR/fidelity.md`` (+ csv, plots) compares every config that has both runs.
+``DIR/fidelity.md`` (+ csv, plots) compares every config that has both runs. With ``--repeat``
+the torch side runs twice (``DIR/<config>/torch_repeat/``) and the report states how far the
+real runtime's second run lands from its first: the noise floor of any comparison.
 
 The torch side needs the GPU; the sim side can be re-run later on any machine over the same
 DIR (``--backends sim``): ``--hardware`` names the profile of the GPU machine the torch side
@@ -27,7 +30,7 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,8 @@ class Options:
     calibration: str | None = None  # backend.calibration table for the sim side
     extra: tuple[str, ...] = ()  # appended to every run on both backends
     warmup: bool = True  # one throw-away torch run first (CUDA context, kernels, allocator)
+    torch_extra: tuple[str, ...] = ()  # appended to the torch side only (e.g. backend.cuda_graphs=true)
+    repeat: bool = False  # run the torch side twice (the second into <config>/torch_repeat/): measurement noise
 
     @property
     def hw2(self) -> str:
@@ -150,6 +155,7 @@ def run_overrides(entry: GridConfig, backend: str, opts: Options) -> list[str]:
             side.append("parallel=pp")
         if entry.gpu_budget_gib is not None:
             side.append(f"backend.gpu_budget_gib={entry.gpu_budget_gib}")
+        side += opts.torch_extra
     else:
         raise ConfigError(f"--backends: unknown backend '{backend}', use {', '.join(BACKENDS)}")
     return ["experiment=validation", *entry.overrides, *side, *opts.extra]
@@ -231,7 +237,7 @@ def check_options(opts: Options, backends: list[str]) -> Options:
             if "calibration" not in base.backend:
                 raise ConfigError("--calibration: this checkout's backend=sim config has no `calibration` field "
                                   "(conf/backend/sim.yaml), so the table would be ignored; drop --calibration")
-        opts = Options(opts.hardware, opts.hardware_2gpu, str(cal), opts.extra, opts.warmup)
+        opts = replace(opts, calibration=str(cal))
     return opts
 
 
@@ -348,11 +354,12 @@ def run_grid(entries: list[GridConfig], backends: list[str], out: Path, opts: Op
         for i, e in enumerate(entries):
             for j, b in enumerate(backends):
                 ov, cfg = cfgs[(e.name, b)]
-                res = run_one(e, b, cfg, ov, out / e.name / b, opts)
-                results.append(res)
                 k = i * len(backends) + j + 1
-                log(f"[{k}/{n}] {e.name} {b}: {res.status} ({res.wall_s:.1f} s)"
-                    + (f": {res.error}" if res.error else ""))
+                for folder in (b, "torch_repeat") if b == "torch" and opts.repeat else (b,):
+                    res = run_one(e, b, cfg, ov, out / e.name / folder, opts)
+                    results.append(res)
+                    log(f"[{k}/{n}] {e.name} {folder}: {res.status} ({res.wall_s:.1f} s)"
+                        + (f": {res.error}" if res.error else ""))
     return results
 
 
@@ -361,7 +368,8 @@ def report(out: Path) -> Path:
     from wicore.fidelity import fidelity_report, load_pairs
 
     pairs, missing = load_pairs(out)
-    return fidelity_report(pairs, out, missing)
+    repeats, _ = load_pairs(out, real="torch", sim="torch_repeat")
+    return fidelity_report(pairs, out, missing, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration", default=None, help="calibration table (CSV) for the sim side")
     ap.add_argument("--extra", nargs="+", action="extend", default=[], metavar="OVERRIDE",
                     help="Hydra overrides appended to every run on both backends")
+    ap.add_argument("--torch-extra", nargs="+", action="extend", default=[], metavar="OVERRIDE",
+                    help="Hydra overrides appended to the torch side only (e.g. backend.cuda_graphs=true)")
+    ap.add_argument("--repeat", action="store_true",
+                    help="run the torch side twice (second run in <config>/torch_repeat): the report states the "
+                         "real runtime's own run-to-run differences next to the simulator's error")
     ap.add_argument("--grid", type=Path, default=GRID, help=f"grid file (default {GRID.relative_to(ROOT)})")
     ap.add_argument("--no-warmup", action="store_true", help="skip the throw-away torch warm-up run")
     ap.add_argument("--report-only", type=Path, metavar="DIR", help="only (re)write DIR's fidelity report")
@@ -397,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         if not entries:
             raise ConfigError("--only / --skip-2gpu: no grid config left to run")
         opts = Options(args.hardware, args.hardware_2gpu, args.calibration, tuple(args.extra),
-                       not args.no_warmup)
+                       not args.no_warmup, tuple(args.torch_extra), args.repeat)
         results = run_grid(entries, backends, args.out, opts)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

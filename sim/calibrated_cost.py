@@ -20,6 +20,22 @@ sample and step overhead are 0 there, as in the plain roofline) and is
 reported as "roofline"; a table without forward timings for this model and
 dtype leaves the step exactly the plain (one fused forward) roofline.
 
+Whole steps: a table that also has ``decode_step(_mass)`` / ``prefill_step``
+(steps timed through ``TorchBackend.execute`` itself: forward, sampling, the
+host sync and the host work inside ``execute``) costs a step from them
+instead, which needs no assumption about how those parts add up::
+
+    sum_prefill [prefill_step(T_i, context_i) - sample(1)]
+    + decode_step(B, mean decode context) - sample(B)
+    + sample(emitting rows)
+
+exact at the profiled points for a step of one prefill item or of decodes
+only. When the table was measured with CUDA-graph decode (its meta says
+``cuda_graphs: true``, as for runs with ``backend.cuda_graphs=true``) a decode
+of B rows runs the graph of the smallest bucket >= B (1, 2, 4, ... then the
+run's ``scheduler.max_num_seqs``), so the decode ops are looked up at that
+bucket size.
+
 A subclass rather than a flag on ``CostModel``: without a table the simulator
 keeps the plain class, so roofline runs stay bit-identical and the hot path of
 ``CostModel.step`` is untouched.
@@ -39,7 +55,18 @@ from wicore.hal import HardwareSpec
 from wicore.model.spec import ModelSpec
 from wicore.types import BatchItem, Phase
 
-COMPOSITE_OPS = ("prefill_forward", "decode_forward", "decode_forward_mass", "sample", "step_overhead")
+COMPOSITE_OPS = ("prefill_forward", "decode_forward", "decode_forward_mass", "sample", "step_overhead",
+                 "prefill_step", "decode_step", "decode_step_mass")
+
+
+def graph_buckets(max_rows: int) -> tuple[int, ...]:
+    """The CUDA-graph batch buckets of a run with ``max_rows`` sequences (as
+    ``wicore.runtime.graph_decode.default_buckets``): 1, 2, 4, ... below it, then ``max_rows``."""
+    out, b = [], 1
+    while b < max_rows:
+        out.append(b)
+        b *= 2
+    return (*out, max(1, max_rows))
 _CACHE_MAX = 8192
 
 
@@ -72,7 +99,7 @@ class CalibratedCostModel(CostModel):
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, table: CalibrationTable, tp: int = 1, pp: int = 1,
                  kernels_per_layer: int = 12, measure_attention: bool = False,
-                 links: dict[str, Any] | None = None) -> None:
+                 links: dict[str, Any] | None = None, max_num_seqs: int | None = None) -> None:
         super().__init__(model, hw, tp=tp, pp=pp, kernels_per_layer=kernels_per_layer)
         if tp * pp != 1:
             raise ConfigError(f"backend.calibration: a calibration table holds single-GPU forwards, but the run "
@@ -88,8 +115,16 @@ class CalibratedCostModel(CostModel):
         if measure_attention and (table.has("decode_forward_mass", name, dtype)
                                   or not table.has("decode_forward", name, dtype)):
             self.decode_op = "decode_forward_mass"
+        # whole steps through TorchBackend.execute, preferred to the composition when the table has them
+        self.step_op = "decode_step_mass" if self.decode_op == "decode_forward_mass" else "decode_step"
+        self.whole_decode = table.has(self.step_op, name, dtype)
+        self.whole_prefill = table.has("prefill_step", name, dtype)
+        # CUDA-graph decode: a batch of B rows runs (and costs) the bucket >= B
+        self.cuda_graphs = bool(table.meta.get("cuda_graphs", False))
+        self.buckets = graph_buckets(max_num_seqs) if self.cuda_graphs and max_num_seqs else ()
         # without forward timings for this model the step is the plain (fused) roofline
-        self.active = table.has("prefill_forward", name, dtype) or table.has(self.decode_op, name, dtype)
+        self.active = (table.has("prefill_forward", name, dtype) or table.has(self.decode_op, name, dtype)
+                       or self.whole_decode or self.whole_prefill)
         self.counts: dict[str, dict[str, int]] = {op: {} for op in COMPOSITE_OPS}
         self.steps = 0
         self._cache: dict[tuple[Any, ...], tuple[float, str]] = {}
@@ -134,14 +169,21 @@ class CalibratedCostModel(CostModel):
         emit = 0
         for it in items:
             emit += it.emits_token
-            if it.phase is Phase.PREFILL:
+            if it.phase is not Phase.PREFILL:
+                decode.append(it)
+            elif self.whole_prefill:
+                m = self._lookup("prefill_step", tokens=it.num_tokens, context=it.context_len)
+                out.append(self._forward([it], self._less_sample(m, 1)))
+            else:
                 m = self._lookup("prefill_forward", tokens=it.num_tokens, context=it.context_len)
                 out.append(self._forward([it], m))
-            else:
-                decode.append(it)
         if decode:
             ctx = sum(it.context_len for it in decode) / len(decode)
-            m = self._lookup(self.decode_op, batch=len(decode), context=ctx)
+            rows = self._bucket(len(decode))
+            if self.whole_decode:
+                m = self._less_sample(self._lookup(self.step_op, batch=rows, context=ctx), len(decode))
+            else:
+                m = self._lookup(self.decode_op, batch=rows, context=ctx)
             out.append(self._forward(decode, m))
         if not out:
             out.append(CostModel.step(self, items))
@@ -150,6 +192,20 @@ class CalibratedCostModel(CostModel):
             last = out[-1]
             out[-1] = dataclasses.replace(last, head_s=last.head_s + sample, compute_s=last.compute_s + sample)
         return out
+
+    def _bucket(self, rows: int) -> int:
+        """The batch size a decode of ``rows`` rows runs at (its CUDA-graph bucket; ``rows`` without graphs)."""
+        for b in self.buckets:
+            if b >= rows:
+                return b
+        return rows
+
+    def _less_sample(self, whole: float | None, rows: int) -> float | None:
+        """A whole step's time without its sampling of ``rows`` rows (added back once for the whole step)."""
+        if whole is None:
+            return None
+        sample = self._lookup("sample", batch=rows) or 0.0
+        return max(whole - sample, 0.05 * whole)
 
     def step(self, items: Iterable[BatchItem]) -> StepCost:
         return sum_costs(self.passes(items))
@@ -166,7 +222,8 @@ class CalibratedCostModel(CostModel):
         and how many lookups were exact, interpolated, extrapolated or fell back to the roofline."""
         name, dtype = self.model.name, self.model.dtype
         ops: dict[str, Any] = {}
-        for op in ("prefill_forward", self.decode_op, "sample", "step_overhead"):
+        used = [op for op in ("prefill_step", self.step_op) if self.active and self.table.has(op, name, dtype)]
+        for op in (*used, "prefill_forward", self.decode_op, "sample", "step_overhead"):
             c = self.counts.get(op, {})
             ops[op] = {"source": MEASURED if self.active and self.table.has(op, name, dtype) else ROOFLINE,
                        "lookups": {k: c.get(k, 0) for k in (MEASURED, INTERPOLATED, EXTRAPOLATED, ROOFLINE)}}
@@ -175,6 +232,7 @@ class CalibratedCostModel(CostModel):
                                              "mass read-back is not costed")
         return {"calibrated": True, "table": self.table.describe(), "model": name, "dtype": dtype,
                 "measure_attention": self.measure_attention, "steps": self.steps, "ops": ops,
+                "whole_steps": used, "cuda_graphs": self.cuda_graphs, "graph_buckets": list(self.buckets),
                 "links": self.links}
 
 

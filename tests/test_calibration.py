@@ -171,6 +171,55 @@ def test_sim_reproduces_chunked_prefill_points_with_context():
         assert _close(last, _value("prefill_forward", tokens=t, context=c) + _value("sample", batch=1)), (t, c)
 
 
+def _whole_step_table(tmp_path: Path, graphs: bool) -> tuple[Path, dict[tuple[str, int, int], float]]:
+    """The committed table plus whole-step rows (made-up seconds, distinct from any composition)."""
+    rows: list[dict[str, object]] = [dict(r) for r in CalibrationTable.load(TABLE).rows]
+    extra: dict[tuple[str, int, int], float] = {}
+    for b in (1, 2, 4, 8):
+        for c in (16, 64, 256):
+            extra[("decode_step", b, c)] = 0.01 + 0.001 * b + 1e-5 * c
+    for t in (16, 32, 64, 128):
+        extra[("prefill_step", t, 0)] = 0.02 + 1e-4 * t
+    base = {"model": "tiny-gemma3", "dtype": "fp32", "device_name": "dev", "batch": 0, "tokens": 0, "context": 0,
+            "nbytes": 0, "samples": 5}
+    for (op, x, c), v in extra.items():
+        coords = {"batch": x} if op == "decode_step" else {"batch": 1, "tokens": x}
+        rows.append({**base, "op": op, **coords, "context": c, "seconds": v, "p10_s": v, "p90_s": v})
+    meta = json.loads((TABLE.parent / (TABLE.name + ".meta.json")).read_text())
+    meta["cuda_graphs"] = graphs
+    return CalibrationTable.write(tmp_path / "whole.csv", rows, meta), extra
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_whole_step_rows_replace_the_composition(tmp_path, graphs):
+    """With decode_step / prefill_step rows a decode-only step costs decode_step at its batch (at the
+    CUDA-graph bucket when the table was measured with graphs) and a prefill step the prefill_step rows
+    less the per-item sampling plus one sampling of the step's rows."""
+    table, extra = _whole_step_table(tmp_path, graphs)
+    sample = {b: _value("sample", batch=b) for b in (1, 2, 4, 8)}
+    for b, c in ((3, 64), (4, 16), (1, 256)):
+        cfg = make_cfg(*BASE[:-1], f"backend.calibration={table}", "backend.measure_attention=false",
+                       f"workload.num_requests={b}", f"workload.concurrency={b}", "workload.prompt.kind=fixed",
+                       f"workload.prompt.value={c}", "workload.output.kind=fixed", "workload.output.value=2")
+        setup, steps = _run(cfg)
+        assert list(steps["decode_tokens"]) == [0, b]
+        decode = float(steps["duration"].iloc[1])
+        if graphs or b in (1, 2, 4, 8):
+            rows = 4 if b == 3 and graphs else b
+            expect = extra[("decode_step", rows, c)]
+        else:  # B=3 without graphs: halfway between the measured batches 2 and 4
+            expect = (extra[("decode_step", 2, c)] + extra[("decode_step", 4, c)]) / 2
+        assert _close(decode, expect), (graphs, b, c, decode, expect)
+        if ("prefill_step", c, 0) in extra:
+            first = float(steps["duration"].iloc[0])
+            s3 = sample[b] if b in sample else (sample[2] + sample[4]) / 2
+            expect = b * (extra[("prefill_step", c, 0)] - sample[1]) + s3
+            assert _close(first, expect), (b, c, first, expect)
+        src = setup.cost.sources()  # type: ignore[attr-defined]
+        assert src["whole_steps"] == ["prefill_step", "decode_step"] and src["cuda_graphs"] is graphs
+        assert src["ops"]["decode_step"]["source"] == "measured"
+
+
 def test_absent_model_falls_back_to_the_roofline_and_says_so():
     common = ["hardware=h100", "model=gemma3-1b", "workload.num_requests=20", "workload.concurrency=4",
               "report.enabled=false", "progress=false"]
@@ -261,7 +310,7 @@ def test_profiler_quick_on_cpu_writes_a_valid_table(tmp_path, torch_one_thread):
     t = CalibrationTable.load(out)
     ops = set(t.ops())
     assert {"decode_forward", "decode_forward_mass", "prefill_forward", "sample", "step_overhead",
-            "engine_overhead", "gemm_qkv",
+            "engine_overhead", "decode_step", "decode_step_mass", "prefill_step", "gemm_qkv",
             "attn_decode", "attn_prefill", "h2d_pageable", "d2d", "disk_read"} <= ops
     rows = t.rows
     assert all(r["seconds"] > 0 and r["p10_s"] <= r["seconds"] <= r["p90_s"] for r in rows)

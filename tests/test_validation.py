@@ -37,7 +37,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def validation_dir(tmp_path_factory: pytest.TempPathFactory, torch_one_thread: None) -> Path:
     out = tmp_path_factory.mktemp("validation")
-    rc = main(["--backends", "torch,sim", "--out", str(out), "--only", "tiny-c1-short,tiny-c4-short", *SMALL])
+    rc = main(["--backends", "torch,sim", "--out", str(out), "--only", "tiny-c1-short,tiny-c4-short", *SMALL,
+               "--repeat", "--torch-extra", "backend.cuda_graphs=true"])
     assert rc == 0
     return out
 
@@ -178,6 +179,19 @@ def test_validation_run_writes_pairs_and_a_report_that_matches_the_summaries(val
         assert stats.loc[key, "p90_abs"] == pytest.approx(np.percentile(vals, 90))
     md = (out / "fidelity.md").read_text()
     assert "2 configs ran on both backends" in md and "plots/parity.png" in md
+    # --torch-extra reaches the torch side only; --repeat ran it twice and the report states the noise
+    for cfg in ("tiny-c1-short", "tiny-c4-short"):
+        torch_cfg = yaml.safe_load((out / cfg / "torch" / "config.yaml").read_text())
+        assert torch_cfg["backend"]["cuda_graphs"] is True
+        assert "cuda_graphs" not in yaml.safe_load((out / cfg / "sim" / "config.yaml").read_text())["backend"]
+        assert _summary(out / cfg / "torch_repeat")["requests"] == 3
+    noise = pd.read_csv(out / "fidelity_noise.csv").set_index("metric")
+    first = _summary(out / "tiny-c1-short" / "torch")["ttft_p50"]
+    again = _summary(out / "tiny-c1-short" / "torch_repeat")["ttft_p50"]
+    other = abs(_summary(out / "tiny-c4-short" / "torch_repeat")["ttft_p50"]
+                / _summary(out / "tiny-c4-short" / "torch")["ttft_p50"] - 1)
+    assert noise.loc["ttft_p50", "median_abs"] == pytest.approx(np.median([abs(again / first - 1), other]))
+    assert "## Measurement noise: the real run repeated" in md
     # a CPU run against the H100 profile is far off: the report must say so, never claim the target
     assert "All 5 target metrics meet both targets" not in md and "Missed for" in md
 
@@ -194,10 +208,10 @@ def test_time_decomposition_adds_up_to_the_run_time_error(validation_dir):
 def test_loaders_read_runs_with_their_overrides(validation_dir):
     runs = load_runs(validation_dir)
     assert sorted(str(r.path.relative_to(validation_dir)) for r in runs) == [
-        "tiny-c1-short/sim", "tiny-c1-short/torch", "tiny-c4-short/sim", "tiny-c4-short/torch"]
+        f"{c}/{side}" for c in ("tiny-c1-short", "tiny-c4-short") for side in ("sim", "torch", "torch_repeat")]
     df = runs_frame(validation_dir)
-    assert list(df["backend"]) == ["sim", "torch", "sim", "torch"] and (df["status"] == "ok").all()
-    assert list(df["workload.concurrency"]) == [1, 1, 4, 4]
+    assert list(df["backend"]) == ["sim", "torch", "torch"] * 2 and (df["status"] == "ok").all()
+    assert list(df["workload.concurrency"]) == [1, 1, 1, 4, 4, 4]
     run = load_run(validation_dir / "tiny-c4-short" / "sim")
     assert run.ok and len(run.requests) == 3 and len(run.steps) and run.config["model"]["name"] == "tiny-gemma3"
     assert run.overrides["hardware"] == "h100" and run.meta["hardware_profile"] == "h100"

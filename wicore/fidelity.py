@@ -5,7 +5,8 @@
   ``(sim - real) / real``.
 * ``fidelity_stats(rows)``: per metric, median and p90 of ``|rel err|`` and pass / fail
   against the targets (median <= 3 %, p90 <= 8 % for TTFT, TPOT and throughput).
-* ``load_pairs(root)``: the pairs of a validation folder (``root/<config>/{sim,torch}/``).
+* ``load_pairs(root)``: the pairs of a validation folder (``root/<config>/{sim,torch}/``);
+  ``load_pairs(root, real="torch", sim="torch_repeat")``: the real run against its repeat.
 * ``fidelity_report(pairs, out_dir)``: ``fidelity.csv``, ``fidelity_summary.csv``,
   ``fidelity_steps.csv``, ``plots/`` (parity, error CDF, step times) and ``fidelity.md``,
   which names the worst configs and, from the step tables, which kind of step or transfer
@@ -207,8 +208,11 @@ def cost_table(pairs: list[Pair]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def fidelity_report(pairs: list[Pair], out_dir: Path | str, missing: dict[str, str] | None = None) -> Path:
-    """Write the fidelity tables, plots and ``fidelity.md`` into ``out_dir``; return the md path."""
+def fidelity_report(pairs: list[Pair], out_dir: Path | str, missing: dict[str, str] | None = None,
+                    repeats: list[Pair] | None = None) -> Path:
+    """Write the fidelity tables, plots and ``fidelity.md`` into ``out_dir``; return the md path.
+    ``repeats``: pairs of the real run repeated (``sim`` = the repeat, ``real`` = the first run): their
+    differences (``fidelity_noise.csv`` and a section of the report) are the measurement noise."""
     from wicore.fidelity_md import write_markdown
     from wicore.fidelity_plots import plot_error_cdf, plot_parity, plot_step_parity, save
 
@@ -226,6 +230,11 @@ def fidelity_report(pairs: list[Pair], out_dir: Path | str, missing: dict[str, s
     save(plot_parity(rows), plots / "parity.png")
     save(plot_error_cdf(rows), plots / "error_cdf.png")
     save(plot_step_parity(steps), plots / "step_times.png")
+    noise = None
+    if repeats:
+        noise = fidelity_stats(compare_all(repeats))
+        noise = noise[noise["target"].astype(bool) | (noise["metric"] == "e2e_p50")].reset_index(drop=True)
+        noise.to_csv(out / "fidelity_noise.csv", index=False)
     path = out / "fidelity.md"
-    path.write_text(write_markdown(pairs, rows, stats, dec, costs, missing or {}), encoding="utf-8")
+    path.write_text(write_markdown(pairs, rows, stats, dec, costs, missing or {}, noise), encoding="utf-8")
     return path

@@ -155,8 +155,24 @@ def _per_config(pairs: list[Pair], rows: pd.DataFrame, dec: pd.DataFrame) -> lis
                       "largest component (sim - real)"], body), ""]
 
 
+def _noise(noise: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
+    """The real runtime against itself (each config run twice), next to the simulator's error."""
+    sim = {str(r["metric"]): r for _, r in stats.iterrows()}
+    body = []
+    for _, r in noise.iterrows():
+        s = sim.get(str(r["metric"]))
+        body.append([r["label"], int(r["n"]), _apct(r["median_abs"]), _apct(r["p90_abs"]),
+                     _apct(s["median_abs"]) if s is not None else "–", _apct(s["p90_abs"]) if s is not None else "–"])
+    return ["## Measurement noise: the real run repeated", "",
+            "Each config ran twice on the real runtime, one run after the other in the same process; "
+            "|second - first| / first is how far the measurement moves by itself. The simulator cannot be "
+            "held closer to one real run than a second real run is ([fidelity_noise.csv](fidelity_noise.csv)).",
+            "", md_table(["Metric", "configs", "real vs real: median", "real vs real: p90", "sim vs real: median",
+                          "sim vs real: p90"], body), ""]
+
+
 def write_markdown(pairs: list[Pair], rows: pd.DataFrame, stats: pd.DataFrame, dec: pd.DataFrame,
-                   costs: pd.DataFrame, missing: dict[str, str]) -> str:
+                   costs: pd.DataFrame, missing: dict[str, str], noise: pd.DataFrame | None = None) -> str:
     sim_hw = sorted({str(x) for x in rows["sim_hardware"].dropna().unique()}) if len(rows) else []
     real_hw = sorted({str(x) for x in rows["real_hardware"].dropna().unique()}) if len(rows) else []
     md = ["# Simulator fidelity: backend=sim vs the real runtime", "",
@@ -165,6 +181,8 @@ def write_markdown(pairs: list[Pair], rows: pd.DataFrame, stats: pd.DataFrame, d
           "Relative error = (sim - real) / real. All rows: [fidelity.csv](fidelity.csv); statistics: "
           "[fidelity_summary.csv](fidelity_summary.csv).", ""]
     md += _targets(stats)
+    if noise is not None and len(noise):
+        md += _noise(noise, stats)
     md += _worst(rows)
     md += _where(dec, costs)
     md += _other(stats)

@@ -95,17 +95,20 @@ def measure_step_overhead(spec: ModelSpec, batch: int, steps: int = 30, warmup: 
 
 
 def measure_step_gaps(model: Transformer, cache: KVCache, batch: int, steps: int = 30, warmup: int = 3,
-                      prompt_tokens: int = 16, page_tokens: int = 16, measure_attention: bool = True) -> list[float]:
+                      prompt_tokens: int = 16, page_tokens: int = 16, measure_attention: bool = True,
+                      cuda_graphs: bool = False) -> list[float]:
     """Seconds from the end one decode step of ``batch`` rows reports to the start the next one reports,
-    with the real ``TorchBackend`` on ``model`` / ``cache`` (``cache.max_slots >= batch``)."""
+    with the real ``TorchBackend`` on ``model`` / ``cache`` (``cache.max_slots >= batch``; one more with
+    ``cuda_graphs``, whose padding rows use the last slot)."""
     output = steps + warmup + 2
-    if cache.max_slots < batch or cache.max_len < prompt_tokens + output:
+    if cache.max_slots - int(cuda_graphs) < batch or cache.max_len < prompt_tokens + output:
         raise ValueError(f"step gaps: the cache ({cache.max_slots} slots of {cache.max_len}) cannot hold "
                          f"{batch} requests of {prompt_tokens + output} tokens")
     engine, wl = _engine(model.spec, batch, prompt_tokens, output, page_tokens)
     cache.reset()
     t0 = time.perf_counter()
-    backend = TorchBackend(model, cache, t0, measure_attention=measure_attention, page_tokens=page_tokens)
+    backend = TorchBackend(model, cache, t0, measure_attention=measure_attention, page_tokens=page_tokens,
+                           cuda_graphs=cuda_graphs)
     TorchDriver(engine, backend, wl, t0).run()
     st = engine.recorder.frames()[1]
     start, end = st["start"].tolist(), st["end"].tolist()

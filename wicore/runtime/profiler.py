@@ -14,6 +14,13 @@ the same input construction, in the model dtype, under ``inference_mode``):
   one request at positions [C, C + T);
 * ``sample`` (batch rows): ``TorchBackend._sampling`` + ``sample`` + the step's
   one ``.tolist()`` sync + the token bookkeeping, host timed;
+* ``decode_step`` / ``decode_step_mass`` (batch x context) and ``prefill_step``
+  (tokens x context): whole steps through ``TorchBackend.execute`` itself, timed
+  by the interval the step reports (what a run's ``steps.parquet`` records):
+  the forward, sampling, the host sync and the host work inside ``execute``.
+  With ``cuda_graphs`` the backend decodes through its CUDA graphs, as a run
+  with ``backend.cuda_graphs=true`` does (``decode_forward`` is then the graph
+  replay). The simulator prefers these to the composed forward + sample;
 * ``step_overhead`` (batch running): host time between the end one step reports
   and the start of the next, on the real driver, engine and backend;
   ``engine_overhead``: the engine and driver alone, with a no-op backend
@@ -54,6 +61,7 @@ from wicore.model.kv_cache import KVCache
 from wicore.model.spec import ModelSpec
 from wicore.model.transformer import Transformer, build_model, to_torch_dtype
 from wicore.runtime.backend import TorchBackend
+from wicore.runtime.graph_decode import GraphDecode
 from wicore.runtime.profile_overhead import measure_step_gaps, measure_step_overhead
 from wicore.runtime.profile_primitives import (
     MIB,
@@ -87,6 +95,7 @@ class ProfileGrid:
     copy_sizes: tuple[int, ...] = tuple(MIB * 4**k for k in range(6))  # 1 MiB .. 1 GiB
     disk_sizes: tuple[int, ...] = (64 * MIB, 256 * MIB)
     check_points: tuple[tuple[int, int], ...] = ((1, 256), (8, 256), (32, 1024))  # whole decode steps (B, C)
+    steps: bool = True  # decode_step(_mass) / prefill_step through TorchBackend.execute
     reps: int = 20
     warmup: int = 3
 
@@ -112,6 +121,7 @@ class _Run:
     cache: KVCache
     grid: ProfileGrid
     log: Log
+    cuda_graphs: bool = False
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -178,12 +188,16 @@ def _kv_slots(spec: ModelSpec, device: torch.device, max_len: int, want: int, it
 
 
 # ----- composite ops -------------------------------------------------------------------------------
-def _decode_fn(run: _Run, b: int, c: int, mass: bool, page_tokens: int) -> Callable[[], Any]:
-    """One decode forward of ``b`` rows at position ``c``, built and called as TorchBackend.execute does."""
+def _decode_fn(run: _Run, b: int, c: int, mass: bool, page_tokens: int,
+               graph: GraphDecode | None = None) -> Callable[[], Any]:
+    """One decode forward of ``b`` rows at position ``c``, built and called as TorchBackend.execute does
+    (``graph``: through the CUDA-graph decoder, as with ``backend.cuda_graphs``)."""
     model, cache, dev = run.model, run.cache, run.device
     gen = torch.Generator().manual_seed(b * 7919 + c)
     toks = torch.randint(0, run.spec.vocab_size, (b,), generator=gen).tolist()
     rids = list(range(b))
+    if graph is not None:
+        return partial(graph.run, toks, [c] * b, rids)
 
     def fn() -> Any:
         x = torch.tensor([[t] for t in toks], device=dev)
@@ -214,10 +228,12 @@ def _prefill_fn(run: _Run, t: int, c: int) -> Callable[[], Any]:
     return fn
 
 
-def _backend(run: _Run, batch: int, prompt: int, page_tokens: int, measure: bool) -> TorchBackend:
-    """A real TorchBackend over the run's model and cache with ``batch`` requests of ``prompt`` ids."""
+def _backend(run: _Run, batch: int, prompt: int, page_tokens: int, measure: bool,
+             graphs: bool = False) -> TorchBackend:
+    """A real TorchBackend over the run's model and cache with ``batch`` requests of ``prompt`` ids
+    (``graphs``: decoding through CUDA graphs; the cache's last slot is their scratch slot)."""
     be = TorchBackend(run.model, run.cache, time.perf_counter(), seed=0, measure_attention=measure,
-                      page_tokens=page_tokens)
+                      page_tokens=page_tokens, cuda_graphs=graphs)
     for rid in range(batch):
         ids = torch.randint(0, run.spec.vocab_size, (prompt,), generator=torch.Generator().manual_seed(rid))
         be.add_request(Request(rid, 0.0, prompt, 1 << 30, prompt_ids=ids.tolist()))
@@ -251,7 +267,7 @@ def _check_steps(run: _Run, points: list[tuple[int, int]], page_tokens: int, mea
     out = []
     g = run.grid
     for b, c in points:
-        be = _backend(run, b, c + g.reps + g.warmup + 2, page_tokens, measure)
+        be = _backend(run, b, c + g.reps + g.warmup + 2, page_tokens, measure, run.cuda_graphs)
         plan = StepPlan(1, 0, 0.0, [BatchItem(rid, Phase.DECODE, 1, c, True) for rid in range(b)])
         ts = time_op(partial(be.execute, plan), run.device, g.reps, g.warmup, wall=True)
         op = "decode_forward_mass" if measure else "decode_forward"
@@ -264,24 +280,67 @@ def _check_steps(run: _Run, points: list[tuple[int, int]], page_tokens: int, mea
     return out
 
 
+def _step_times(be: TorchBackend, plan: StepPlan, reps: int, warmup: int) -> list[float]:
+    """Seconds of ``reps`` executions of ``plan`` after ``warmup`` ones, each the interval the step
+    reports (``end - start`` of its StepResult: what a run records as the step's duration)."""
+    for _ in range(warmup):
+        be.execute(plan)
+    out = []
+    for _ in range(reps):
+        r = be.execute(plan)
+        out.append(r.end - r.start)
+    return out
+
+
+def profile_steps(run: _Run, batches: list[int], contexts: list[int], prefill: list[tuple[int, int]],
+                  page_tokens: int) -> None:
+    """``decode_step`` / ``decode_step_mass`` (batch x context) and ``prefill_step`` (tokens x context):
+    whole steps through ``TorchBackend.execute``, decoding through CUDA graphs when the run's are on."""
+    g = run.grid
+    depth = g.reps + g.warmup + 2  # every timed execution appends one token per row
+    for mass in (False, True):
+        op = "decode_step_mass" if mass else "decode_step"
+        run.log(f"{op}{' (CUDA graphs)' if run.cuda_graphs else ''}: batch {batches} x context {contexts}")
+        be = _backend(run, max(batches), max(contexts) + depth, page_tokens, mass, run.cuda_graphs)
+        for b in batches:
+            for c in contexts:
+                plan = StepPlan(1, 0, 0.0, [BatchItem(rid, Phase.DECODE, 1, c, True) for rid in range(b)])
+                run.add(op, _step_times(be, plan, g.reps, g.warmup), batch=b, context=c)
+        for rid in range(max(batches)):
+            be.release(rid)
+    run.log(f"prefill_step: (tokens, context) {prefill}")
+    be = _backend(run, 1, max(t + c for t, c in prefill) + depth, page_tokens, False, run.cuda_graphs)
+    for t, c in prefill:
+        plan = StepPlan(1, 0, 0.0, [BatchItem(0, Phase.PREFILL, t, c, True)])
+        run.add("prefill_step", _step_times(be, plan, g.reps, g.warmup), batch=1, tokens=t, context=c)
+    be.release(0)
+
+
 def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
     g, dev = run.grid, run.device
-    slots = run.cache.max_slots
+    slots = run.cache.max_slots - int(run.cuda_graphs)  # with graphs the last slot is the padding rows' scratch
     batches = [b for b in g.decode_batches if b <= slots]
     contexts = sorted({min(c, max_len - 1) for c in g.decode_contexts})
     for mass in (False, True):
         op = "decode_forward_mass" if mass else "decode_forward"
-        run.log(f"{op}: batch {batches} x context {contexts}")
+        graph = (GraphDecode(run.model, run.cache, None, mass, page_tokens, scratch_slot=slots)
+                 if run.cuda_graphs else None)
+        run.log(f"{op}{' (CUDA graphs)' if graph is not None else ''}: batch {batches} x context {contexts}")
         for b in batches:
             for c in contexts:
-                ts = time_op(_decode_fn(run, b, c, mass, page_tokens), dev, g.reps, g.warmup, wall=mass)
+                ts = time_op(_decode_fn(run, b, c, mass, page_tokens, graph), dev, g.reps, g.warmup, wall=mass)
                 run.add(op, ts, batch=b, context=c)
+        del graph
     points = [(t, 0) for t in g.prefill_tokens if t <= max_len]
     points += [(t, c) for t, c in g.prefill_context_points if c + t <= max_len]
     run.log(f"prefill_forward: (tokens, context) {points}")
     for t, c in points:
         run.add("prefill_forward", time_op(_prefill_fn(run, t, c), dev, g.reps, g.warmup), batch=1, tokens=t,
                 context=c)
+    if g.steps:
+        ok = [(t, c) for t, c in points if t + c + g.reps + g.warmup + 2 <= max_len]
+        profile_steps(run, batches, [c for c in contexts if c + g.reps + g.warmup + 2 <= max_len], ok,
+                      page_tokens)
     run.log(f"sample: batch {batches}")
     for b in batches:
         run.add("sample", time_op(_sample_fn(run, b, page_tokens), dev, g.reps, g.warmup, wall=True), batch=b)
@@ -289,7 +348,8 @@ def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
     run.log(f"step_overhead (real backend), engine_overhead (no-op backend): batch {over}")
     for b in over:
         run.add("step_overhead", measure_step_gaps(run.model, run.cache, b, steps=g.overhead_steps,
-                                                   warmup=g.warmup, prompt_tokens=16, page_tokens=page_tokens),
+                                                   warmup=g.warmup, prompt_tokens=16, page_tokens=page_tokens,
+                                                   cuda_graphs=run.cuda_graphs),
                 batch=b)
         run.add("engine_overhead", measure_step_overhead(run.spec, b, steps=g.overhead_steps, warmup=g.warmup,
                                                          page_tokens=page_tokens), batch=b)
@@ -298,14 +358,17 @@ def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
 def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.device, out_csv: str | Path,
             grid: ProfileGrid | None = None, quick: bool = False, *, dtype: str | None = None,
             name: str | None = None, max_len: int = 2048, page_tokens: int = 16, seed: int = 0,
-            threads: int | None = None, disk_dir: str | Path | None = None, log: Log | None = None) -> Path:
+            threads: int | None = None, disk_dir: str | Path | None = None, log: Log | None = None,
+            cuda_graphs: bool = False) -> Path:
     """Measure the runtime's ops for a model on ``device`` and write ``out_csv`` + ``<out_csv>.meta.json``.
 
     ``grid``: the points (default: ``ProfileGrid()``, or ``ProfileGrid.quick()`` with ``quick``);
     ``name``: the model name the rows carry (default: the spec's; the simulator matches it against
     ``model.name``); ``max_len``: tokens per KV slot, as ``backend.max_len`` of the runs to mirror;
     ``threads``: torch CPU threads while profiling (None: as is; the runs to mirror must use the same);
-    ``disk_dir``: where ``disk_read`` writes its temp files (default: the temp dir, often a tmpfs)."""
+    ``disk_dir``: where ``disk_read`` writes its temp files (default: the temp dir, often a tmpfs);
+    ``cuda_graphs``: decode through CUDA graphs as runs with ``backend.cuda_graphs=true`` do (the
+    decode ops and whole steps; on a CPU device the same padded path runs eagerly)."""
     t_start = time.perf_counter()
     dev = resolve_device(device) if isinstance(device, str) else device
     threads_before = torch.get_num_threads()
@@ -315,14 +378,15 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
         torch.set_num_threads(threads)
     try:
         return _profile(spec_or_checkpoint, dev, out_csv, grid, quick, dtype, name, max_len, page_tokens, seed,
-                        disk_dir, log, t_start)
+                        disk_dir, log, t_start, cuda_graphs)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_csv: str | Path,
              grid: ProfileGrid | None, quick: bool, dtype: str | None, name: str | None, max_len: int,
-             page_tokens: int, seed: int, disk_dir: str | Path | None, log: Log | None, t_start: float) -> Path:
+             page_tokens: int, seed: int, disk_dir: str | Path | None, log: Log | None, t_start: float,
+             cuda_graphs: bool = False) -> Path:
     say: Log = log or (lambda msg: print(f"[profile] {msg}", file=sys.stderr))
     g = grid or (ProfileGrid.quick() if quick else ProfileGrid())
     if g.reps < 1 or g.warmup < 0:
@@ -332,11 +396,13 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     notes: dict[str, Any] = {}
     tdt = to_torch_dtype(spec.dtype)
     want = max([*g.decode_batches, *(b for b, _ in g.check_points), 1])
-    slots = _kv_slots(spec, dev, max_len, want, torch.empty(0, dtype=tdt).element_size(), notes)
-    cache = KVCache(spec, slots, max_len, device=dev, dtype=tdt)
+    slots = _kv_slots(spec, dev, max_len, want + int(cuda_graphs), torch.empty(0, dtype=tdt).element_size(),
+                      notes) - int(cuda_graphs)
+    cache = KVCache(spec, slots + int(cuda_graphs), max_len, device=dev, dtype=tdt)  # + the graphs' scratch slot
     dname = device_name(dev)
-    run = _Run(model, spec, name or spec.name, spec.dtype, dev, dname, cache, g, say, notes=notes)
-    say(f"{run.name} ({source}, {spec.dtype}) on {dname}: max_len {max_len}, {slots} KV slots")
+    run = _Run(model, spec, name or spec.name, spec.dtype, dev, dname, cache, g, say, cuda_graphs, notes=notes)
+    say(f"{run.name} ({source}, {spec.dtype}) on {dname}: max_len {max_len}, {slots} KV slots"
+        f"{', CUDA-graph decode' if cuda_graphs else ''}")
     with torch.inference_mode():
         profile_composite(run, max_len, page_tokens)
         checks = [(b, c) for b, c in g.check_points if b <= slots and c < max_len]
@@ -357,6 +423,7 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     meta = {"torch_version": torch.__version__, "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(
         timespec="seconds"), "device": str(dev), "device_name": dname, "model": run.name, "source": source,
         "dtype": spec.dtype, "max_len": max_len, "kv_slots": slots, "page_tokens": page_tokens,
+        "cuda_graphs": bool(cuda_graphs),
         "cuda": torch.version.cuda, "host": platform.platform(), "python": platform.python_version(),
         "threads": torch.get_num_threads(), "quick": quick, "grid": asdict(g), "skipped": skipped,
         "notes": notes, "summary": summarize(run.rows), "profile_s": round(time.perf_counter() - t_start, 2)}
@@ -393,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-primitives", action="store_true", help="composite ops only")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--disk-dir", default=None, help="folder for the disk-read test (default: the temp dir)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="decode through CUDA graphs, as runs with backend.cuda_graphs=true do")
     args = ap.parse_args(argv)
     grid = ProfileGrid.quick() if args.quick else ProfileGrid()
     if args.no_primitives:
@@ -401,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = replace(grid, primitives=False)
     try:
         profile(args.model, args.device, args.out, grid, quick=args.quick, dtype=args.dtype, name=args.name,
-                max_len=args.max_len, threads=args.threads, disk_dir=args.disk_dir)
+                max_len=args.max_len, threads=args.threads, disk_dir=args.disk_dir, cuda_graphs=args.cuda_graphs)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
