@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-validate | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -54,6 +54,27 @@ case $stage in
     timeout 260 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" \
       --only 'tiny-c*-short,tiny-c*-long,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked' > "$R/validate_log.txt" 2>&1
     tail -5 "$R/validate_log.txt"; date
+    ;;
+  fidelity-profile)
+    # calibration tables measured the way the validation runs run: CUDA-graph decode for the resident
+    # configs (one table per model and dtype of the grid), eager (+ copies) for gemma3-1b bf16, whose
+    # offloaded configs stream weights and therefore decode eagerly
+    mkdir -p "$R/calibration"
+    for mdg in tiny-gemma3:fp32:graphs:50 tiny-gemma3:bf16:graphs:50 gemma3-1b:bf16:graphs:120 \
+               gemma3-1b:fp16:graphs:110 gemma3-1b:bf16:eager:240; do
+      IFS=: read -r m d g limit <<< "$mdg"
+      flags=--no-primitives; [ "$g" = graphs ] && flags="$flags --cuda-graphs"
+      [ "$m:$d:$g" = gemma3-1b:bf16:eager ] && flags=""
+      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda $flags \
+        --out "$R/calibration/h100_${m}_${d}_${g}.csv" > "$R/calibration/log_${m}_${d}_${g}.txt" 2>&1
+      tail -1 "$R/calibration/log_${m}_${d}_${g}.txt"; date
+    done
+    ;;
+  fidelity-validate)
+    # the grid's 1-GPU configs on the real runtime, CUDA-graph decode, each run twice (noise floor)
+    timeout ${VALIDATE_S:-560} python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" \
+      --torch-extra backend.cuda_graphs=true --repeat ${ONLY:+--only "$ONLY"} > "$R/validate_log.txt" 2>&1
+    grep -E "^\[|runs ok" "$R/validate_log.txt" | tail -70; date
     ;;
   graphs)
     timeout 120 python3 -m pytest -q -m gpu tests/test_graph_decode.py -p no:cacheprovider 2>&1 | tail -5
