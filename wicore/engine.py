@@ -23,6 +23,13 @@ and swaps are kept. Approximations: a caching memory manager (HMT) has already
 counted the dropped blocks as fetched (it believes them resident afterwards),
 and the K/V weights that the KV fill of skipped layers reads are assumed to be
 on the GPU.
+
+Preemption: the ``swap_out`` / ``swap_in`` ops carry the bytes of every page the
+scheduler swapped and name, in ``blocks``, the pages of each sequence whose KV
+ends the step on the other side (``SchedulerOutput.net_kv_moves``: swapped in
+and out again in one step, a sequence moves nowhere); ``plan.kv_dropped`` lists
+the requests whose KV a recompute preemption dropped. The simulator times the
+bytes; the real runtime moves the named sequences (``wicore.runtime.kv_swap``).
 """
 
 from __future__ import annotations
@@ -33,7 +40,16 @@ from typing import TYPE_CHECKING
 from wicore.memory.placement import StaticPlacement
 from wicore.scheduler.scheduler import Scheduler
 from wicore.scheduler.sequence import Sequence
-from wicore.types import MemoryOp, Phase, Request, RequestStatus, RouteDecision, StepPlan, StepResult
+from wicore.types import (
+    BlockRef,
+    MemoryOp,
+    Phase,
+    Request,
+    RequestStatus,
+    RouteDecision,
+    StepPlan,
+    StepResult,
+)
 
 PREFILL = Phase.PREFILL
 RUNNING = RequestStatus.RUNNING
@@ -111,19 +127,25 @@ class Engine:
         if (router is not None and ops and len(routing) == len(out.items)
                 and all(d.path != "deep" for d in routing)):  # no token deep: skip the unneeded fetches
             ops = self._without_deep_fetches(ops, router.drop_ops_layer())
-        if out.swap_out_pages or out.swap_in_pages:
-            ops = list(ops)
-            for g, gpb in zip(self.placement.gpus, self.placement.page_bytes_per_gpu):
-                if out.swap_out_pages:
-                    ops.append(MemoryOp("swap_out", f"gpu{g}", "cpu", out.swap_out_pages * gpb, device=g))
-                if out.swap_in_pages:
-                    ops.append(MemoryOp("swap_in", "cpu", f"gpu{g}", out.swap_in_pages * gpb, device=g))
+        dropped: list[int] = []
+        if out.kv_moves:
+            to_host, to_gpu, gone = out.net_kv_moves()
+            dropped = [s.request_id for s in gone]
+            if out.swap_out_pages or out.swap_in_pages:
+                ops = list(ops)
+                for g, gpb in zip(self.placement.gpus, self.placement.page_bytes_per_gpu):
+                    if out.swap_out_pages:
+                        ops.append(MemoryOp("swap_out", f"gpu{g}", "cpu", out.swap_out_pages * gpb, device=g,
+                                            blocks=_kv_pages(to_host, g)))
+                    if out.swap_in_pages:
+                        ops.append(MemoryOp("swap_in", "cpu", f"gpu{g}", out.swap_in_pages * gpb, device=g,
+                                            blocks=_kv_pages(to_gpu, g)))
         for seq in self.scheduler.running:
             if seq.first_scheduled < 0:
                 seq.first_scheduled = now
         self._step_id += 1
         return StepPlan(self._step_id, self.replica, now, out.items, routing, ops,
-                        [s.request_id for s in out.preempted])
+                        [s.request_id for s in out.preempted], dropped)
 
     def _without_deep_fetches(self, ops: list[MemoryOp] | tuple[MemoryOp, ...],
                               first_unneeded: int) -> list[MemoryOp] | tuple[MemoryOp, ...]:
@@ -184,6 +206,13 @@ class Engine:
         if (used, swapped) != self._last_pages or self.placement.usage_changes_every_step:
             self._last_pages = (used, swapped)
             self.recorder.tiers(t, self.replica, self.placement.tier_usage(used, swapped))
+
+
+def _kv_pages(seqs: list[Sequence], device: int) -> tuple[BlockRef, ...]:
+    """The KV pages of ``seqs`` on GPU ``device``, named for a swap op (the real runtime moves them;
+    the simulator times the op's bytes only)."""
+    return tuple(BlockRef("kv", -1, seq=s.request_id, index=p, device=device)
+                 for s in seqs for p in range(s.num_blocks))
 
 
 def _drop_weight_fetches(ops: list[MemoryOp] | tuple[MemoryOp, ...], first_unneeded: int) -> list[MemoryOp]:

@@ -88,12 +88,15 @@ class MemoryOp:
 
     ``op`` is one of ``fetch`` (needed by this step, the layer waits for it),
     ``prefetch`` (needed by a later step, never waited on), ``evict`` (demote to
-    a lower tier), ``swap_out`` / ``swap_in`` (a preempted sequence's KV).
-    Tier names are ``gpu<i>``, ``cpu``, ``nvme``. ``layer`` is the first layer
-    that needs the data (``-1``: not tied to a layer); ``device`` is the GPU
-    whose link carries it. ``convert_bytes`` is the size after a format
-    conversion on arrival (for example 4-bit on NVMe to fp16 on the GPU), used
-    to cost the conversion. The blocks of one op arrive in order.
+    a lower tier), ``swap_out`` / ``swap_in`` (preempted sequences' KV: ``nbytes``
+    counts every page the scheduler moved, ``blocks`` name the pages
+    ``BlockRef("kv", -1, seq=request_id, index=page)`` of each sequence whose KV
+    ends the step on the other side). Tier names are ``gpu<i>``, ``cpu``,
+    ``nvme``. ``layer`` is the first layer that needs the data (``-1``: not
+    tied to a layer); ``device`` is the GPU whose link carries it.
+    ``convert_bytes`` is the size after a format conversion on arrival (for
+    example 4-bit on NVMe to fp16 on the GPU), used to cost the conversion. The
+    blocks of one op arrive in order.
     """
 
     op: str
@@ -141,6 +144,11 @@ class RouteDecision:
 
 @dataclass(slots=True)
 class StepPlan:
+    """One step of one replica. ``preempted``: request ids preempted while planning it (either
+    mode); ``kv_dropped``: those whose KV a recompute preemption dropped (they prefill again from
+    position 0, and a swapped-out copy of theirs is gone too): a backend frees what it holds for them.
+    Swapped sequences are named by the ``swap_out`` / ``swap_in`` memory ops."""
+
     step_id: int
     replica: int
     created_at: float
@@ -148,6 +156,7 @@ class StepPlan:
     routing: list[RouteDecision] = field(default_factory=list)
     memory_ops: list[MemoryOp] | tuple[MemoryOp, ...] = ()
     preempted: list[int] = field(default_factory=list)
+    kv_dropped: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

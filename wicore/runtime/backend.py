@@ -18,6 +18,14 @@ rejects plans that stream weights; with offloading, ``experiments.run_torch``
 uses ``wicore.runtime.offload.StreamingTorchBackend``, which streams the layers
 the placement names from pinned host memory.
 
+KV swapping (``scheduler.preemption=swap``): before a step's forwards the plan's
+``swap_out`` ops move the named requests' KV slots to host memory (their slots
+go back to the free list) and its ``swap_in`` ops bring them back into free
+slots (``wicore.runtime.kv_swap.KVSwapper``, on its own copy stream on CUDA);
+``plan.kv_dropped`` (recompute preemption) frees a request's slot at once. The
+step's result counts the swap bytes and copy time. A request holds a slot only
+while its KV is on the device.
+
 ``cuda_graphs=True``: the batched decode forward runs through
 ``wicore.runtime.graph_decode.GraphDecode`` (CUDA graphs per batch-size bucket on a
 GPU, the same padded path eagerly elsewhere); the cache's last slot is its scratch
@@ -36,6 +44,7 @@ from wicore.model.kv_cache import KVCache
 from wicore.model.sampling import sample
 from wicore.model.transformer import ModelOutput, Transformer
 from wicore.runtime.graph_decode import GraphDecode
+from wicore.runtime.kv_swap import KVSwapper, SwapStep, swap_names
 from wicore.runtime.mor import MoRRuntime
 from wicore.runtime.signals import measure, to_dicts
 from wicore.types import BlockRef, OpTiming, Phase, Request, StepPlan, StepResult
@@ -65,6 +74,14 @@ class TorchBackend:
         self.requests: dict[int, Request] = {}
         self.tokens: dict[int, list[int]] = {}  # prompt (+ generated) ids per request
         self.mor = mor  # MoR routing: routed decode rows + routing signals of every emitted token
+        self.kv_len: dict[int, int] = {}  # request id -> tokens written to its KV (kept while swapped out)
+        self._swapper: KVSwapper | None = None  # created on the first swap
+
+    @property
+    def swapper(self) -> KVSwapper:
+        if self._swapper is None:
+            self._swapper = KVSwapper(self.cache)
+        return self._swapper
 
     def _streams_layers(self) -> bool:
         from wicore.runtime.offload import StreamingTorchBackend  # offload imports this module
@@ -82,22 +99,73 @@ class TorchBackend:
         self.tokens[req.request_id] = ids
 
     def release(self, request_id: int) -> None:
-        """The request finished or was cancelled: free its KV slot."""
+        """The request finished or was cancelled: free its KV slot (or its swapped-out host copy)."""
         slot = self.slots.pop(request_id, None)
         if slot is not None:
             self.free_slots.append(slot)
         self.requests.pop(request_id, None)
         self.tokens.pop(request_id, None)
+        self.kv_len.pop(request_id, None)
+        if self._swapper is not None:
+            self._swapper.drop(request_id)
         if self.mor is not None:
             self.mor.forget(request_id)
 
     def _slot(self, request_id: int) -> int:
         slot = self.slots.get(request_id)
         if slot is None:
-            if not self.free_slots:
-                raise RuntimeError("torch backend: no free KV slot (scheduler.max_num_seqs > slots)")
-            slot = self.slots[request_id] = self.free_slots.pop()
+            slot = self.slots[request_id] = self._free_slot(request_id)
+            if self._swapper is not None:
+                self._swapper.slot_ready(slot)  # a slot a swap-out just freed: its copy reads it first
         return slot
+
+    def _free_slot(self, request_id: int) -> int:
+        if not self.free_slots:
+            raise RuntimeError(f"torch backend: no free KV slot for request {request_id} (every one of the "
+                               f"{len(self.slots)} slots holds a request; scheduler.max_num_seqs > slots?)")
+        return self.free_slots.pop()
+
+    def _drop_kv(self, request_id: int) -> None:
+        """Recompute preemption: the request's KV is gone (slot zeroed and freed, host copy dropped)."""
+        slot = self.slots.pop(request_id, None)
+        if slot is not None:
+            self.cache.free(slot)
+            self.free_slots.append(slot)
+        if self._swapper is not None:
+            self._swapper.drop(request_id)
+        self.kv_len.pop(request_id, None)
+        if self.mor is not None:
+            self.mor.forget(request_id)
+
+    def _move_kv(self, plan: StepPlan) -> SwapStep | None:
+        """The plan's KV moves, before its forwards: dropped requests, then swap-outs, then swap-ins."""
+        for rid in plan.kv_dropped:
+            self._drop_kv(rid)
+        outs, ins = swap_names(plan.memory_ops)
+        if not outs and not ins:
+            return None
+        sw = self.swapper
+        gpu = next(op.device for op in plan.memory_ops if op.op in ("swap_out", "swap_in"))
+        step = sw.begin(time.perf_counter() - self.t0, gpu)
+        for rid in outs:
+            slot = self.slots.pop(rid, None)
+            if slot is None:
+                raise RuntimeError(f"torch backend: swap_out of request {rid}, which holds no KV slot")
+            sw.swap_out(step, rid, slot, self.kv_len[rid])
+            self.free_slots.append(slot)
+            if self.mor is not None:  # its CPU mirror is per slot: resync from position 0 when it runs again
+                self.mor.forget(rid)
+        sw.mark_swapped_out(step)
+        for rid in ins:
+            if rid in self.slots:
+                raise RuntimeError(f"torch backend: swap_in of request {rid}, which holds KV slot {self.slots[rid]}")
+            slot = self.slots[rid] = self._free_slot(rid)
+            tokens = sw.swap_in(step, rid, slot)
+            if tokens != self.kv_len.get(rid):
+                raise RuntimeError(f"torch backend: request {rid} swapped in {tokens} tokens, "
+                                   f"had written {self.kv_len.get(rid)}")
+        sw.finish(step)
+        return step
 
     def _sampling(self, rids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         def param(name: str, default: float) -> torch.Tensor:
@@ -112,6 +180,8 @@ class TorchBackend:
             raise ConfigError("backend=torch: weight streaming between tiers is not implemented on the "
                               "real runtime yet; give it a GPU budget that holds the model")
         start = time.perf_counter() - self.t0
+        swap = self._move_kv(plan) if plan.kv_dropped or plan.memory_ops else None
+        compute_start = time.perf_counter() - self.t0 if swap is not None else start
         dev = self.device
         last_logits: list[torch.Tensor] = []
         emit_ids: list[int] = []
@@ -128,6 +198,7 @@ class TorchBackend:
                 if mor is not None:
                     mor.forget(it.request_id)
             slot = self._slot(it.request_id)
+            self.kv_len[it.request_id] = it.context_len + it.num_tokens
             ids = self.tokens[it.request_id][it.context_len: it.context_len + it.num_tokens]
             x = torch.tensor([ids], device=dev)
             pos = torch.arange(it.context_len, it.context_len + it.num_tokens, device=dev)[None, :]
@@ -143,6 +214,8 @@ class TorchBackend:
                     last_logits.append(out[:, -1])
                 emit_ids.append(it.request_id)
         dec = [it for it in plan.items if it.phase is Phase.DECODE]
+        for it in dec:
+            self.kv_len[it.request_id] = it.context_len + 1
         if dec and mor is not None and routes:
             rids = [it.request_id for it in dec]
             logits, hidden, mass = mor.decode(
@@ -207,8 +280,13 @@ class TorchBackend:
             torch.cuda.synchronize(dev)
         end = time.perf_counter() - self.t0
         result.end = end
-        result.compute_s = end - start
-        result.ops.append(OpTiming("compute", str(dev), start, end))
+        if swap is not None:
+            self.swapper.report(swap, result)
+            if swap.bytes_in:  # the forwards waited for the swapped-in KV
+                compute_start = min(max(compute_start, swap.issued + swap.out_s + swap.in_s), end)
+            result.stall_s = compute_start - start
+        result.compute_s = end - compute_start
+        result.ops.append(OpTiming("compute", str(dev), compute_start, end))
         return result
 
     @staticmethod
@@ -232,4 +310,6 @@ class TorchBackend:
         info: dict[str, Any] = {"device": str(self.device), "kv_slots": self.cache.max_slots - int(self.cuda_graphs),
                                 "kv_len": self.cache.max_len, "kv_cache_bytes": self.cache.nbytes}
         info.update(self.graph.describe() if self.graph is not None else {"cuda_graphs": "off"})
+        if self._swapper is not None:
+            info.update(self._swapper.stats())
         return info

@@ -106,6 +106,9 @@ class PipelineBackend(TorchBackend):
     def execute(self, plan: StepPlan) -> StepResult:
         if self.closed or self.broken:
             raise PipelineError(f"pipeline: not usable ({'closed' if self.closed else self.broken})")
+        if any(op.op in ("swap_out", "swap_in") for op in plan.memory_ops):
+            raise ConfigError("scheduler.preemption=swap: KV swapping is not implemented with parallel.pp > 1 "
+                              "on the real runtime; use scheduler.preemption=recompute or parallel.pp=1")
         self.steps += 1
         try:
             return self._execute(plan)

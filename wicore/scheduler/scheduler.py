@@ -25,11 +25,39 @@ PREEMPTION_MODES = ("recompute", "swap")
 
 @dataclass
 class SchedulerOutput:
+    """One step's decisions. ``kv_moves``: in the order they were decided, what happened to a
+    sequence's KV pages: ``swap_out`` (to ``swap_pool``), ``swap_in`` (back) or ``drop`` (recompute
+    preemption); ``swap_out_pages`` / ``swap_in_pages`` count the pages of every swap (a sequence
+    swapped in and out again in one step counts both ways)."""
+
     items: list[BatchItem] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     aborted: list[Sequence] = field(default_factory=list)
     swap_out_pages: int = 0
     swap_in_pages: int = 0
+    kv_moves: list[tuple[Sequence, str]] = field(default_factory=list)
+
+    def net_kv_moves(self) -> tuple[list[Sequence], list[Sequence], list[Sequence]]:
+        """Where each moved sequence's KV is after the step compared with before it:
+        (swapped out: accelerator -> host, swapped in: host -> accelerator, dropped: gone, from
+        either). A sequence moved there and back in one step is in none of them."""
+        first: dict[int, str] = {}
+        last: dict[int, tuple[Sequence, str]] = {}
+        for seq, move in self.kv_moves:
+            first.setdefault(seq.request_id, move)
+            last[seq.request_id] = (seq, move)
+        out: list[Sequence] = []
+        back: list[Sequence] = []
+        dropped: list[Sequence] = []
+        for rid, (seq, move) in last.items():
+            on_host_before = first[rid] == "swap_in"
+            if move == "drop":
+                dropped.append(seq)
+            elif move == "swap_out" and not on_host_before:
+                out.append(seq)
+            elif move == "swap_in" and on_host_before:
+                back.append(seq)
+        return out, back, dropped
 
 
 class Scheduler:
@@ -159,6 +187,7 @@ class Scheduler:
             self.swap_pool.release(seq.num_blocks)
             seq.swapped = False
             self._out.swap_in_pages += seq.num_blocks
+            self._out.kv_moves.append((seq, "swap_in"))
         else:
             need = self.pool.pages_for(seq.prefill_target)
             if not self.pool.allocate(need):
@@ -198,10 +227,12 @@ class Scheduler:
             self.pool.release(seq.num_blocks)
             seq.swapped = True
             self._out.swap_out_pages += seq.num_blocks
+            self._out.kv_moves.append((seq, "swap_out"))
         else:
             self.pool.release(seq.num_blocks)
             seq.num_blocks = 0
             seq.restart_prefill()
+            self._out.kv_moves.append((seq, "drop"))
         self._out.preempted.append(seq)
         self.queue.push(seq)
 
