@@ -211,7 +211,8 @@ def run_keeping_tokens(monkeypatch, out: Path, *overrides: str) -> tuple[dict[in
     release = TorchBackend.release
 
     def keep(self, rid: int) -> None:
-        kept[rid] = list(self.tokens[rid])
+        if rid >= 0:  # negative ids: the warm-up's throw-away requests
+            kept[rid] = list(self.tokens[rid])
         release(self, rid)
 
     monkeypatch.setattr(TorchBackend, "release", keep)

@@ -306,6 +306,26 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
     return model, spec
 
 
+def checkpoint_fill(path: str | Path, dtype: str | None = None) -> tuple[ModelSpec, Any]:
+    """(spec, fill) for a model built on the meta device: ``fill(param_name, meta_param)`` reads that one
+    tensor from the checkpoint (validated like ``load_checkpoint``) in the parameter's dtype, so a
+    streamer can materialise the model tensor by tensor (``wicore.runtime.offload``'s ``Fill``) without
+    the whole model ever being in host memory."""
+    from safetensors import safe_open
+
+    spec, entries = scan_checkpoint(path, dtype)
+    by_param = {param_name(name): entry for name, entry in entries.items()}
+
+    def fill(name: str, p: torch.Tensor) -> torch.Tensor:
+        entry = by_param.get(name)
+        if entry is None:
+            raise CheckpointError(f"checkpoint {path}: no tensor for parameter {name}")
+        with safe_open(str(entry.file), framework="pt", device="cpu") as f:
+            return f.get_tensor(entry.name).to(p.dtype)
+
+    return spec, fill
+
+
 # ----- random checkpoint writer -------------------------------------------------------
 def _random_chunks(shape: tuple[int, ...], dtype: torch.dtype, std: float, base: float,
                    gen: torch.Generator, chunk_elems: int = 1 << 24) -> Iterator[bytes | memoryview]:

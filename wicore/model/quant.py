@@ -78,3 +78,27 @@ def dequantize_torch(q: TorchQTensor) -> torch.Tensor:
         nib = torch.stack([q.data & 0x0F, q.data >> 4], dim=1).reshape(-1)
         vals = nib.to(torch.float32).reshape(-1, fmt.group_size) * d + q.zeros.to(torch.float32)[:, None]
     return vals.reshape(-1)[:n].reshape(q.shape)
+
+
+def dequantize_into(data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, out: torch.Tensor,
+                    fmt: Format, chunk: int = 1 << 22) -> torch.Tensor:
+    """Write the values of a grouped tensor of whole groups into ``out`` (contiguous, any float dtype):
+    ``data`` (int8 [G, 32] or packed uint8 [G, 16]), fp16 ``scales`` and (int4) ``zeros`` ([G] or
+    [G, 1]). Bit-identical to ``dequantize_torch(q).to(out.dtype)``: the same float32 ops, the int4
+    ones over ``chunk`` values at a time, so the float32 temporaries stay small (device dequant)."""
+    g = fmt.group_size
+    o = out.view(-1, g)
+    d = scales.reshape(-1, 1)
+    if fmt.name == "int8":
+        return torch.mul(data.view(-1, g), d.float(), out=o)  # computed in float32, rounded once into out
+    assert zeros is not None and fmt.name == "int4"
+    z, packed = zeros.reshape(-1, 1), data.view(-1, g // 2)
+    step = max(1, chunk // g)
+    for a in range(0, o.shape[0], step):
+        b = min(o.shape[0], a + step)
+        q = packed[a:b]
+        nib = torch.stack([q & 0x0F, q >> 4], dim=2).view(b - a, g)  # element 2i: low nibble, 2i+1: high
+        vals = nib.to(torch.float32) * d[a:b].float()
+        vals += z[a:b].float()
+        o[a:b].copy_(vals)
+    return out

@@ -1,11 +1,13 @@
-"""Weight streaming: decoder layers that do not fit the GPU budget live in host memory and are copied
-to the device just in time, while the layers before them compute.
+"""Weight streaming: decoder layers that do not fit the GPU budget live in host memory (or on an NVMe
+drive) and are copied to the device just in time, while the layers before them compute.
 
 Host: each streamed ``DecoderLayer`` is one contiguous block (page-locked on CUDA: an exact-size
 allocation registered with ``cudaHostRegister``, else ``torch.empty(pin_memory=True)``, which rounds
 up to a power of two) in the host format: the model dtype as is ("direct" mode), or another float dtype
-/ ``int8`` ("convert" mode): matrices whose size is a multiple of 32 in Q8_0 (``wicore.memory.formats``:
-int8 + an fp16 scale per 32 values, 34/64 of the bf16 bytes), norms in the model dtype.
+/ ``int8`` / ``int4`` ("convert" mode): matrices whose size is a multiple of 32 group-wise quantized
+(``wicore.memory.formats``): Q8_0 (int8 + an fp16 scale per 32 values, 34/64 of the bf16 bytes) or
+int4 (Q4_1-like: two values a byte + an fp16 scale and an fp16 minimum per 32 values, 20/64 of the bf16
+bytes); norms in the model dtype. Layout and allocation: ``wicore.runtime.host_blocks``.
 
 Device: ``buffers`` slots the size of the largest block (+ in convert mode one compute buffer holding a
 layer in the model dtype). A dedicated copy stream moves a whole block with one ``copy_(non_blocking=True)``.
@@ -15,29 +17,54 @@ all forwards) runs layer ``order[c % m]`` from slot ``c % buffers``. Its copy is
 execution ``c - lookahead - 1`` (for the first layers of a forward: the end of the previous one) or at
 the latest at the start of ``c - lookahead``, behind a ``wait_event`` on the event recorded when
 execution ``c - buffers`` was done with the slot; the compute stream waits on the copy's end event
-before layer ``c``. Nothing inside the forward synchronises the host. ``lookahead <= buffers - 1``.
+before layer ``c``. Nothing inside the forward synchronises the host (except waits for NVMe reads,
+below). ``lookahead <= buffers - 1``.
 
 Swapping in (forward pre/post hooks on the layers): direct mode points each parameter's ``.data`` at
 its view in the slot for the layer's forward and back at its host view afterwards (so the idle model
 still holds every weight, readable by name); convert mode writes the slot into the compute buffer on the
-compute stream (``int8 * fp32 scale -> dtype``, bit-identical to ``dequantize_torch(q).to(dtype)``) and
-the streamed parameters point at its views for good. On a CPU device the same code runs with plain
-copies and no streams or events (the tests).
+compute stream (``wicore.model.quant.dequantize_into``: ``int8 * fp32 scale -> dtype``, or for int4
+``nibble * fp32 scale + fp32 min -> dtype`` in chunks of 4M values, bit-identical to
+``dequantize_torch(q).to(dtype)``) and the streamed parameters point at its views for good. On a CPU
+device the same code runs with plain copies and no streams or events (the tests).
+
+NVMe tier (``source="nvme"``, ``memory.offload_to=nvme`` in ``experiments.run_torch``): the blocks are
+not kept in host memory. At start-up each streamed layer is encoded in the host format (int4 by default;
+int8 allowed; float formats refused) and written as a safetensors file by ``wicore.runtime.nvme_store``
+(``backend.nvme_dir``; the file's data section is the block, its header gives the offsets); the
+layer's source tensors are released as soon as it is written (with a checkpoint, the model is built on
+the meta device and read tensor by tensor, so host memory never holds the streamed layers). Every
+forward, a reader thread reads the blocks into ``staging`` host buffers (pinned on CUDA) with
+``O_DIRECT`` (else buffered reads + ``POSIX_FADV_DONTNEED``, so the page cache does not hide the
+drive): read ``c`` goes into buffer ``c % staging`` once the copy out of it for ``c - staging`` has
+completed (its end event), i.e. reads run up to ``staging`` layers ahead of the copies, which run
+``lookahead`` ahead of the compute. The copy of execution ``c`` is enqueued, exactly as from a host
+block, after the host waited for read ``c``; the copy path, events and device dequant are the same.
 
 Counters: bytes copied host -> device (issued, and used per forward); copy time from CUDA events around
-each copy on the copy stream (after its wait) -> achieved PCIe bandwidth. A forward that raised half-way
-or a layer called out of order costs one full synchronisation and restarts the cycle there.
+each copy on the copy stream (after its wait) -> achieved PCIe bandwidth. NVMe, separately: bytes read
+from the drive (the 4096-aligned span around each block with O_DIRECT), time inside the reads ->
+achieved drive bandwidth, and the time the host waited for reads (``disk_wait_s``: the drive was the
+bottleneck). A forward that raised half-way or a layer called out of order costs one full
+synchronisation (and the wait for the reads in flight) and restarts the cycle there.
+
+Limits of the NVMe tier: one reader thread with one read in flight (large reads keep an NVMe queue busy,
+small layers are latency-bound); the host blocks before enqueueing a copy whose read is late, so with
+a slow drive the GPU idles (one full tier read per forward: the drive's bandwidth bounds the decode
+rate); the store is rewritten at every start (no reuse of a previous run's files); one GPU only (not
+with ``parallel.pp > 1``); with random weights (no checkpoint) the model is built in host memory first.
 """
+
 
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -47,62 +74,16 @@ from torch import Tensor, nn
 from wicore.errors import ConfigError
 from wicore.memory.formats import FORMATS
 from wicore.model.kv_cache import KVCache
-from wicore.model.quant import quantize_torch
+from wicore.model.quant import dequantize_into
 from wicore.model.transformer import DTYPES, Transformer
 from wicore.runtime.backend import TorchBackend
+from wicore.runtime.host_blocks import GROUP, QUANT, Entry, host_block, layout, unregister, view_of
+from wicore.runtime.nvme_store import NvmeStore, Reader
 from wicore.types import OpTiming, StepPlan, StepResult
 
-HOST_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8")
-ALIGN = 16  # byte alignment of every tensor inside a block (vectorised kernels need 16)
-PAGE = 4096
-GROUP = FORMATS["int8"].group_size
-_CAN_REGISTER = [True]  # cleared after the first failed cudaHostRegister (then pin_memory)
-
+HOST_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
+SOURCES = ("host", "nvme")
 Fill = Callable[[str, Tensor], Tensor]  # (full parameter name, meta/host parameter) -> values
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def _view(flat: Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    return flat[offset:offset + nbytes].view(dtype).view(shape)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str  # parameter name inside the layer, e.g. "mlp.up_proj.weight"
-    shape: tuple[int, ...]
-    dtype: torch.dtype  # compute (model) dtype
-    host_dtype: torch.dtype | None  # None: Q8_0
-    offset: int  # data bytes in the host block / slot
-    nbytes: int
-    scale_offset: int = 0  # Q8_0 scales (fp16)
-    scale_nbytes: int = 0
-    out_offset: int = 0  # position in the compute buffer (convert mode)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _layout(params: Sequence[tuple[str, Tensor]], host_format: str) -> tuple[list[_Entry], int, int]:
-    """Entries, host block bytes and compute-buffer bytes of one layer."""
-    entries, off, out = [], 0, 0
-    for name, p in params:
-        n, shape = p.numel(), tuple(int(s) for s in p.shape)
-        q8 = host_format == "int8" and p.dim() >= 2 and n % GROUP == 0
-        hdt = None if q8 else (p.dtype if host_format in ("auto", "int8") else DTYPES[host_format])
-        if hdt is None:
-            nb, sb = n, (n // GROUP) * 2
-            entries.append(_Entry(name, shape, p.dtype, None, off, nb, off + _align(nb), sb, out))
-            off += _align(nb) + _align(sb)
-        else:
-            nb = n * hdt.itemsize
-            entries.append(_Entry(name, shape, p.dtype, hdt, off, nb, out_offset=out))
-            off += _align(nb)
-        out += _align(n * p.element_size())
-    return entries, off, out
 
 
 def _set_param(layer: nn.Module, name: str, value: Tensor) -> nn.Parameter:
@@ -120,51 +101,52 @@ def _set_param(layer: nn.Module, name: str, value: Tensor) -> nn.Parameter:
     return p
 
 
-def _host_block(nbytes: int, pin: str) -> tuple[Tensor, int, str]:
-    """(block, registered pointer or 0, how it was pinned) of ``nbytes`` host bytes."""
-    if pin == "none":
-        return torch.empty(nbytes, dtype=torch.uint8), 0, "none"
-    if pin == "register" or (pin == "auto" and _CAN_REGISTER[0]):
-        try:
-            raw = torch.zeros(nbytes + PAGE, dtype=torch.uint8)  # zeros: fault the pages in (threaded)
-            off = (-raw.data_ptr()) % PAGE
-            block = raw[off:off + nbytes]
-            err = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), nbytes, 0)
-            if int(err) != 0:
-                raise RuntimeError(f"cudaHostRegister failed: {err}")
-            return block, block.data_ptr(), "cudaHostRegister"
-        except Exception:  # noqa: BLE001 - fall back to torch's pinned allocator
-            _CAN_REGISTER[0] = False
-            with contextlib.suppress(Exception):  # a failed runtime call stays the "last error": clear it
-                torch.cuda.cudart().cudaGetLastError()
-            if pin == "register":
-                raise
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), 0, "pin_memory"
+def _release(closers: list[Callable[[], None]], blocks: list[tuple[Tensor, int]]) -> None:
+    """Stop the NVMe reader and remove its store, then unregister the pinned blocks."""
+    for close in closers:
+        with contextlib.suppress(Exception):
+            close()
+    closers.clear()
+    unregister(blocks)
 
 
-def _unregister(blocks: list[tuple[Tensor, int]]) -> None:
-    for _, ptr in blocks:
-        with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
-            torch.cuda.cudart().cudaHostUnregister(ptr)
-    blocks.clear()
+def nvme_host_format(host_format: str | None) -> str:
+    """The stored format of NVMe-resident layers: ``auto`` -> int4; int8 / int4 as given; float formats
+    are refused (the drive is the slowest link: the tier keeps its layers quantized)."""
+    fmt = host_format or "auto"
+    if fmt == "auto":
+        return "int4"
+    if fmt not in QUANT:
+        raise ConfigError(f"backend.host_format={fmt}: layers on the NVMe tier (memory.offload_to=nvme) are "
+                          "stored quantized and dequantized on the device; use backend.host_format=int4 (or "
+                          "auto, = int4) or int8, or keep the layers in host memory (memory.offload_to=cpu)")
+    return fmt
 
 
 class LayerStreamer:
-    """Streams the decoder layers ``streamed`` of ``model`` from host memory (see the module docstring).
+    """Streams the decoder layers ``streamed`` of ``model`` from host memory or from an NVMe store (see
+    the module docstring).
 
     The rest of the model must already be on ``device`` (``offload_model`` does that). Parameters of the
     streamed layers may be on the CPU (packed from there) or on the meta device (values from ``fill``).
+    ``source="nvme"``: the blocks are written to ``store`` (default: a store in a temporary directory)
+    instead of host memory and read back every forward into ``staging`` host buffers (default
+    ``max(2, buffers)``); the streamer closes the store.
     """
 
     def __init__(self, model: Transformer, streamed: Iterable[int], device: torch.device | str,
                  host_format: str | None = "auto", buffers: int = 2, lookahead: int = 1,
-                 fill: Fill | None = None, pin: str = "auto") -> None:
-        fmt = host_format or "auto"
+                 fill: Fill | None = None, pin: str = "auto", source: str = "host",
+                 store: NvmeStore | None = None, staging: int | None = None) -> None:
+        if source not in SOURCES:
+            raise ConfigError(f"offload: unknown source '{source}', use one of {list(SOURCES)}")
+        fmt = nvme_host_format(host_format) if source == "nvme" else host_format or "auto"
         if fmt not in HOST_FORMATS:
             raise ConfigError(f"backend.host_format: unknown '{host_format}', use one of {list(HOST_FORMATS)}")
-        if buffers < 1 or lookahead < 0:
-            raise ConfigError(f"offload: buffers must be >= 1 and lookahead >= 0, got {buffers}, {lookahead}")
-        self.model, self.device, self.host_format = model, torch.device(device), fmt
+        if buffers < 1 or lookahead < 0 or (staging is not None and staging < 1):
+            raise ConfigError(f"offload: buffers and staging must be >= 1 and lookahead >= 0, got {buffers}, "
+                              f"{staging}, {lookahead}")
+        self.model, self.device, self.host_format, self.source = model, torch.device(device), fmt, source
         self.order = sorted(set(int(i) for i in streamed))
         bad = [i for i in self.order if not 0 <= i < len(model.layers)]
         if bad:
@@ -172,34 +154,43 @@ class LayerStreamer:
         self.buffers, self.lookahead = buffers, min(lookahead, buffers - 1)
         self.cuda = self.device.type == "cuda"
         self.pin = pin if self.cuda else "none"
+        self.store = (store or NvmeStore()) if source == "nvme" else None
+        self.reader: Reader | None = None
+        self.pinned_with = ""
+        self.host: list[Tensor] = []
+        self._registered: list[tuple[Tensor, int]] = []
+        self._closers: list[Callable[[], None]] = [] if self.store is None else [self.store.close]
+        self._finalizer = weakref.finalize(self, _release, self._closers, self._registered)
         layers = [model.layers[i] for i in self.order]
         params = [list(layer.named_parameters()) for layer in layers]
         dtype = params[0][0][1].dtype if params else torch.float32
         self.direct = fmt == "auto" or (fmt in DTYPES and DTYPES[fmt] == dtype)
-        lay = [_layout(p, "auto" if self.direct else fmt) for p in params]
+        lay = [layout(p, "auto" if self.direct else fmt) for p in params]
         self.entries = [e for e, _, _ in lay]
         self.layer_bytes = [b for _, b, _ in lay]
-        self.pinned_with = ""
-        self.host: list[Tensor] = []
-        self._registered: list[tuple[Tensor, int]] = []
-        self._finalizer = weakref.finalize(self, _unregister, self._registered)
-        for j, (i, layer) in enumerate(zip(self.order, layers)):
-            self._pack(j, f"layers.{i}.", layer, dict(params[j]), fill)
-        slot_bytes, out_bytes = max(self.layer_bytes, default=0), max((o for _, _, o in lay), default=0)
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(buffers)]
-        self.slot_views = [[[self._src(flat, e) for e in ents] for ents in self.entries] for flat in self.slots]
+        out_bytes = max((o for _, _, o in lay), default=0)
         self.compute = torch.empty(0 if self.direct else out_bytes, dtype=torch.uint8, device=self.device)
         self.params: list[list[nn.Parameter]] = []
         self.host_views: list[list[Tensor]] = []
         self.out_views: list[list[Tensor]] = []
-        for j, layer in enumerate(layers):
-            hv = [self._src(self.host[j], e) for e in self.entries[j]]
-            ov = [_view(self.compute, e.out_offset, e.numel * e.dtype.itemsize, e.dtype, e.shape)
+        for j, (i, layer) in enumerate(zip(self.order, layers)):
+            self._pack(j, f"layers.{i}.", dict(params[j]), fill)
+            params[j] = []
+            hv = [self._src(self.host[j], e) for e in self.entries[j]] if self.store is None else []
+            ov = [view_of(self.compute, e.out_offset, e.numel * e.dtype.itemsize, e.dtype, e.shape)
                   for e in self.entries[j]] if not self.direct else []
             self.host_views.append(hv)
             self.out_views.append(ov)
+            # the layer's parameters now point at the host block (direct) or the compute buffer: the
+            # tensors they were packed from are released here (with the NVMe store, before the next layer)
             self.params.append([_set_param(layer, e.name, hv[n] if self.direct else ov[n])
                                 for n, e in enumerate(self.entries[j])])
+        slot_bytes = max(self.layer_bytes, default=0)
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(buffers)]
+        self.slot_views = [[[self._src(flat, e) for e in ents] for ents in self.entries] for flat in self.slots]
+        if self.store is not None and self.order:
+            self.reader = Reader(self.store, self.order, staging or max(2, buffers), self._alloc)
+            self._closers.insert(0, self.reader.close)
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._ready: list[Any] = [None] * buffers  # end event of the last copy into each slot
         self._free = [torch.cuda.Event() for _ in range(buffers)] if self.cuda else []
@@ -215,12 +206,18 @@ class LayerStreamer:
                                 layer.register_forward_hook(partial(self._post_layer, j))]
 
     # ----- setup ------------------------------------------------------------------------------
-    def _pack(self, j: int, prefix: str, layer: nn.Module, params: dict[str, Tensor], fill: Fill | None) -> None:
-        block, ptr, how = _host_block(self.layer_bytes[j], self.pin)
+    def _alloc(self, nbytes: int) -> Tensor:
+        """A host buffer (pinned on CUDA) that stays registered until close."""
+        block, ptr, how = host_block(nbytes, self.pin)
         self.pinned_with = self.pinned_with or how
         if ptr:
             self._registered.append((block, ptr))
-        self.host.append(block)
+        return block
+
+    def _pack(self, j: int, prefix: str, params: dict[str, Tensor], fill: Fill | None) -> None:
+        """Layer ``j`` in the host format: into a host block, or (NVMe) into its store file."""
+        block = self._alloc(self.layer_bytes[j]) if self.store is None else None
+        stored: dict[str, Tensor] = {}
         with torch.no_grad():
             for e in self.entries[j]:
                 p = params[e.name]
@@ -233,22 +230,35 @@ class LayerStreamer:
                 if tuple(src.shape) != e.shape:
                     raise ConfigError(f"offload: {prefix}{e.name}: fill gave shape {tuple(src.shape)}, "
                                       f"expected {e.shape}")
-                if e.host_dtype is not None:
-                    _view(block, e.offset, e.nbytes, e.host_dtype, e.shape).copy_(src.to(e.host_dtype))
-                else:
-                    q = quantize_torch(src, FORMATS["int8"])
-                    _view(block, e.offset, e.nbytes, torch.int8, (e.numel,)).copy_(q.data)
-                    _view(block, e.scale_offset, e.scale_nbytes, torch.float16, (e.numel // GROUP,)).copy_(q.scales)
+                for suffix, (offset, t) in e.encode(src).items():
+                    if block is None:
+                        stored[prefix + e.name + suffix] = t.cpu()
+                    else:
+                        raw = t.reshape(-1).view(torch.uint8)
+                        block[offset:offset + raw.numel()].copy_(raw)
+        if block is not None:
+            self.host.append(block)
+            return
+        assert self.store is not None
+        meta = {"format": "wicore-nvme-layer", "layer": prefix[len("layers."):-1], "host_format": self.host_format,
+                "group_size": str(GROUP), "shapes": json.dumps({e.name: list(e.shape) for e in self.entries[j]})}
+        lf = self.store.write(self.order[j], stored, meta)
+        self.entries[j] = [e.relocate(prefix + e.name, lf.offsets) for e in self.entries[j]]
+        self.layer_bytes[j] = lf.nbytes
 
     @staticmethod
-    def _src(flat: Tensor, e: _Entry) -> Tensor:
-        """View of ``e`` in a block / slot: the tensor (float) or the int8 groups [G, 32] (Q8_0)."""
+    def _src(flat: Tensor, e: Entry) -> Tensor:
+        """View of ``e`` in a block / slot: the tensor (float), the int8 groups [G, 32] (Q8_0) or the
+        packed nibbles [G, 16] (int4)."""
         if e.host_dtype is not None:
-            return _view(flat, e.offset, e.nbytes, e.host_dtype, e.shape)
-        return _view(flat, e.offset, e.nbytes, torch.int8, (e.numel // GROUP, GROUP))
+            return view_of(flat, e.offset, e.nbytes, e.host_dtype, e.shape)
+        g = e.numel // GROUP
+        if e.quant == "int4":
+            return view_of(flat, e.offset, e.nbytes, torch.uint8, (g, GROUP // 2))
+        return view_of(flat, e.offset, e.nbytes, torch.int8, (g, GROUP))
 
-    def _scales(self, slot: int, e: _Entry) -> Tensor:
-        return _view(self.slots[slot], e.scale_offset, e.scale_nbytes, torch.float16, (e.numel // GROUP, 1))
+    def _scales(self, slot: int, e: Entry, offset: int) -> Tensor:
+        return view_of(self.slots[slot], offset, e.scale_nbytes, torch.float16, (e.numel // GROUP, 1))
 
     # ----- the schedule --------------------------------------------------------------------------
     def _issue_until(self, c: int) -> None:
@@ -259,7 +269,9 @@ class LayerStreamer:
     def _issue(self, c: int) -> None:
         j, slot = c % len(self.order), c % self.buffers
         nbytes = self.layer_bytes[j]
-        dst, src = self.slots[slot][:nbytes], self.host[j]
+        dst = self.slots[slot][:nbytes]
+        src = self.host[j] if self.reader is None else self.reader.take(c)  # NVMe: wait for read c
+        end: Any = None
         if self._copy_stream is not None:
             s = self._copy_stream
             s.wait_event(self._free[slot])
@@ -275,6 +287,8 @@ class LayerStreamer:
             dst.copy_(src)
             self.copy_s += time.perf_counter() - t0
             self.timed_bytes += nbytes
+        if self.reader is not None:  # the staging buffer is free once the copy is: read c + staging into it
+            self.reader.release(c, end)
         self.bytes_copied += nbytes
         self.copies += 1
 
@@ -304,8 +318,9 @@ class LayerStreamer:
         else:
             with torch.no_grad():
                 for e, src, out in zip(self.entries[j], self.slot_views[slot][j], self.out_views[j]):
-                    if e.host_dtype is None:
-                        torch.mul(src, self._scales(slot, e).float(), out=out.view(-1, GROUP))
+                    if e.quant:
+                        zeros = self._scales(slot, e, e.zero_offset) if e.quant == "int4" else None
+                        dequantize_into(src, self._scales(slot, e, e.scale_offset), zeros, out, FORMATS[e.quant])
                     else:
                         out.copy_(src)
             if compute is not None:
@@ -325,6 +340,8 @@ class LayerStreamer:
     def _resync(self, j: int) -> None:
         """Out of order (a forward raised, or a layer was called alone): wait for everything, restart at j."""
         self.synchronize()
+        if self.reader is not None:
+            self.reader.drain()
         if self.direct:
             for ps, hv in zip(self.params, self.host_views):
                 for p, v in zip(ps, hv):
@@ -353,6 +370,8 @@ class LayerStreamer:
         self.last_forward_bytes = self._fwd_bytes = 0
         self.copy_s = 0.0
         self._pending.clear()
+        if self.reader is not None:
+            self.reader.reset_counters()
 
     @property
     def bytes_per_forward(self) -> int:
@@ -366,15 +385,37 @@ class LayerStreamer:
         return {"streamed_layers": list(self.order), "num_streamed": len(self.order),
                 "host_format": self.host_format, "mode": "direct" if self.direct else "convert",
                 "buffers": self.buffers, "lookahead": self.lookahead, "pinned_with": self.pinned_with,
-                "host_bytes": sum(self.layer_bytes), "device_buffer_bytes": sum(t.numel() for t in [*self.slots, self.compute]),
+                "host_bytes": sum(b.numel() for b in self.host),  # blocks kept in host memory (0: NVMe)
+                "device_buffer_bytes": sum(t.numel() for t in [*self.slots, self.compute]),
                 "bytes_per_forward": self.bytes_per_forward, "last_forward_bytes": self.last_forward_bytes,
                 "forwards": self.forwards, "copies": self.copies, "bytes_copied": self.bytes_copied,
                 "copy_s": self.copy_s, "timed_bytes": self.timed_bytes, "resyncs": self.resyncs,
-                "achieved_GBps": self.timed_bytes / self.copy_s / 1e9 if self.copy_s > 0 else float("nan")}
+                "achieved_GBps": self.timed_bytes / self.copy_s / 1e9 if self.copy_s > 0 else float("nan"),
+                **self.disk_stats()}
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes read from the NVMe store so far (reads the forwards have used)."""
+        return self.reader.nbytes if self.reader is not None else 0
+
+    def disk_stats(self) -> dict[str, Any]:
+        """The NVMe side: where blocks come from, bytes / time / bandwidth of the drive reads, the time
+        the forwards waited for them, the read mode (O_DIRECT or buffered + fadvise) and the files."""
+        r, st = self.reader, self.store
+        read_s = r.read_s if r is not None else 0.0
+        return {"source": self.source, "disk_io": st.io_mode if st is not None else "",
+                "nvme_dir": str(st.dir) if st is not None else "", "nvme_fs": st.fs_type if st is not None else "",
+                "disk_file_bytes": st.file_bytes if st is not None else 0,
+                "staging_buffers": r.staging if r is not None else 0,
+                "staging_bytes": r.staging_bytes if r is not None else 0,
+                "disk_reads": r.reads if r is not None else 0, "disk_bytes": self.disk_bytes,
+                "disk_read_s": read_s, "disk_wait_s": r.wait_s if r is not None else 0.0,
+                "disk_GBps": self.disk_bytes / read_s / 1e9 if read_s > 0 else float("nan")}
 
     def close(self) -> None:
-        """Remove the hooks and release the pinned registration (direct mode: the streamed parameters
-        keep pointing at their host views; convert mode: at the last layer written to the compute buffer)."""
+        """Remove the hooks, stop the NVMe reader and remove its store, release the pinned registration
+        (direct mode: the streamed parameters keep pointing at their host views; convert mode: at the
+        last layer written to the compute buffer)."""
         if self.order:
             self.synchronize()
             self._resync(0)
@@ -386,13 +427,16 @@ class LayerStreamer:
 
 def offload_model(model: Transformer, streamed_layers: Iterable[int], device: torch.device | str,
                   host_format: str | None = "bf16", buffers: int = 2, lookahead: int = 1,
-                  fill: Fill | None = None, pin: str = "auto") -> LayerStreamer:
+                  fill: Fill | None = None, pin: str = "auto", source: str = "host",
+                  store: NvmeStore | None = None, staging: int | None = None) -> LayerStreamer:
     """Move everything but ``streamed_layers`` to ``device`` (meta parameters are materialised there,
     from ``fill`` when given, else uninitialised) and stream those layers from host memory.
 
     ``host_format``: "auto" (the model dtype, copied as is), "bf16" / "fp16" / "fp32" (cast on the device
-    when it differs from the model dtype), "int8" (Q8_0, dequantized on the device). ``pin``: "auto"
-    (cudaHostRegister, else pin_memory), "register", "pin_memory" or "none" (ignored off CUDA).
+    when it differs from the model dtype), "int8" (Q8_0) / "int4" (Q4_1-like), dequantized on the device.
+    ``pin``: "auto" (cudaHostRegister, else pin_memory), "register", "pin_memory" or "none" (ignored off
+    CUDA). ``source="nvme"``: the streamed layers go to ``store`` (int4 or int8; "auto" = int4) and are
+    read back every forward (``staging`` host buffers); they are not kept in host memory.
     """
     dev = torch.device(device)
     streamed = sorted(set(int(i) for i in streamed_layers))
@@ -407,7 +451,7 @@ def offload_model(model: Transformer, streamed_layers: Iterable[int], device: to
             elif p.device != dev:
                 p.data = p.data.to(dev)
     model.init_rope(dev)
-    return LayerStreamer(model, streamed, dev, host_format, buffers, lookahead, fill, pin)
+    return LayerStreamer(model, streamed, dev, host_format, buffers, lookahead, fill, pin, source, store, staging)
 
 
 class StreamingTorchBackend(TorchBackend):
@@ -417,6 +461,8 @@ class StreamingTorchBackend(TorchBackend):
     they are taken off the plan the TorchBackend sees; the step result gets the bytes the step's forwards
     moved (``link_bytes``), the copy time the streamer's events have measured since the step started
     (``transfer_s``; copies still in flight are counted in a later step) and a ``fetch`` op on ``pcie0``.
+    With the NVMe tier, a step whose forwards used reads from the drive also gets a ``fetch`` op on
+    ``nvme`` with the bytes read (``link_bytes`` and ``transfer_s`` stay the host -> device side).
     """
 
     def __init__(self, model: Transformer, cache: KVCache, clock_start: float, *, streamer: LayerStreamer,
@@ -427,7 +473,7 @@ class StreamingTorchBackend(TorchBackend):
     def execute(self, plan: StepPlan) -> StepResult:
         st = self.streamer
         ops = [op for op in plan.memory_ops if op.op not in ("fetch", "prefetch")]
-        forwards, copy_s = st.forwards, st.copy_s
+        forwards, copy_s, disk = st.forwards, st.copy_s, st.disk_bytes
         result = super().execute(replace(plan, memory_ops=ops))
         st._harvest()  # copies that have finished (no wait)
         moved = (st.forwards - forwards) * st.bytes_per_forward
@@ -435,6 +481,8 @@ class StreamingTorchBackend(TorchBackend):
         result.transfer_s += st.copy_s - copy_s
         if moved:
             result.ops.append(OpTiming("fetch", "pcie0", result.start, result.end, moved))
+        if st.disk_bytes > disk:
+            result.ops.append(OpTiming("fetch", "nvme", result.start, result.end, st.disk_bytes - disk))
         return result
 
     def describe(self) -> dict[str, Any]:
@@ -442,4 +490,7 @@ class StreamingTorchBackend(TorchBackend):
         return {**super().describe(), "stream_host_format": s["host_format"], "stream_mode": s["mode"],
                 "streamed_layers": s["num_streamed"], "stream_bytes_per_forward": s["bytes_per_forward"],
                 "stream_bytes_copied": s["bytes_copied"], "stream_copy_s": s["copy_s"],
-                "stream_achieved_GBps": s["achieved_GBps"]}
+                "stream_achieved_GBps": s["achieved_GBps"], "stream_source": s["source"],
+                "stream_disk_io": s["disk_io"], "stream_disk_bytes": s["disk_bytes"],
+                "stream_disk_read_s": s["disk_read_s"], "stream_disk_wait_s": s["disk_wait_s"],
+                "stream_disk_GBps": s["disk_GBps"], "stream_disk_file_bytes": s["disk_file_bytes"]}
