@@ -206,6 +206,10 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         streamer = offload_model(model, streamed, device, host_format=str(bc.get("host_format") or "auto"),
                                  buffers=mem.stream_buffer_layers, lookahead=mem.stream_buffer_layers - 1,
                                  fill=fill, source="nvme" if store is not None else "host", store=store)
+    if bool(bc.get("fuse_projections", False)):  # one GEMM for q/k/v and one for gate/up (resident layers)
+        from wicore.model.fuse import fuse_projections
+
+        fuse_projections(model, device, skip_layers=set(streamer.order) if streamer is not None else set())
     router = make_router(cfg, spec)
     # CUDA-graph decode: one extra KV slot is the scratch slot of the padding rows
     graphs = want_graphs and streamer is None and router is None

@@ -48,3 +48,4 @@ def test_warm_up_leaves_no_trace_in_the_run(graphs):
     assert not backend.requests and not backend.slots and all(rid >= 0 for rid in warm)
     real_slots = backend.cache.max_slots - int(graphs == "true")
     assert sorted(backend.free_slots) == list(range(real_slots))
+

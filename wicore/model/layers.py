@@ -183,13 +183,19 @@ class Attention(nn.Module):
         self.o_proj = Linear(heads * head_dim, hidden)
         self.q_norm = RMSNorm(head_dim, eps, offset=True) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps, offset=True) if qk_norm else None
+        self.qkv: Tensor | None = None  # fused [q; k; v] weight (``wicore.model.fuse``): one GEMM instead of three
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, T, hidden] -> roped q [B, H, T, D], k and v [B, Hkv, T, D]."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv is not None:
+            nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            qf, kf, vf = F.linear(x, self.qkv).split((nq, nkv, nkv), dim=-1)
+        else:
+            qf, kf, vf = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = qf.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = kf.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = vf.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -206,8 +212,12 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden, intermediate)
         self.up_proj = Linear(hidden, intermediate)
         self.down_proj = Linear(intermediate, hidden)
+        self.gate_up: Tensor | None = None  # fused [gate; up] weight (``wicore.model.fuse``)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate_proj(x)
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         act = F.gelu(gate, approximate="tanh") if self.activation == "gelu_tanh" else F.silu(gate)
-        return clamp_fp16(self.down_proj(clamp_fp16(act * self.up_proj(x))))
+        return clamp_fp16(self.down_proj(clamp_fp16(act * up)))
