@@ -318,3 +318,57 @@ def test_profiler_quick_on_cpu_writes_a_valid_table(tmp_path, torch_one_thread):
     assert decode == {(b, c) for b in (1, 2, 4, 8) for c in (16, 64, 256)}
     assert t.meta["device"] == "cpu" and t.meta["quick"] and "h2d_pinned" in t.meta["skipped"]
     assert t.meta["notes"]["execute_check"] and t.meta["profile_s"] < 20
+
+
+def test_interleaved_timing_spreads_rounds_and_warms_up_once():
+    from wicore.runtime.timing import interleaved
+
+    calls: list[tuple[str, int, int]] = []
+
+    def timer(p: str, n: int, warmup: int) -> list[float]:
+        calls.append((p, n, warmup))
+        return [float(len(calls))] * n
+
+    out = interleaved(["a", "b", "c"], timer, reps=10, warmup=2, rounds=4, seed=1)
+    assert {p: len(v) for p, v in out.items()} == {"a": 10, "b": 10, "c": 10}
+    assert [c for c in calls if c[2]] == [("a", 3, 2), ("b", 3, 2), ("c", 3, 2)]  # warm-up on the first visit
+    orders = ["".join(p for p, _, _ in calls[i:i + 3]) for i in range(0, 12, 3)]
+    assert len(set(orders)) > 1  # later rounds visit the points in shuffled orders
+    assert interleaved(["x"], timer, reps=3, warmup=0, rounds=9)["x"] and len(calls) == 15  # rounds <= reps
+
+
+def test_profiler_under_a_gpu_budget_streams_layers_in_its_steps(tmp_path, torch_one_thread):
+    """--gpu-budget-gib: the layers the placement leaves off the budget are streamed while profiling, so the
+    whole steps include the streaming; the meta names them."""
+    from dataclasses import replace
+
+    import yaml
+
+    from wicore.model.spec import ModelSpec
+    from wicore.runtime.profiler import ProfileGrid, profile
+
+    spec = ModelSpec.from_config(yaml.safe_load((ROOT / "conf/model/tiny-gemma3.yaml").read_text()) | {"dtype": "fp32"})
+    fixed = 0.5 * 2**30 + spec.embedding_bytes + 2 * spec.layer_bytes + 2 * 2**30
+    budget = (fixed + 1.5 * spec.layer_bytes) / 0.92 / 2**30  # one resident layer (default memory config)
+    grid = replace(ProfileGrid.quick(), primitives=False, decode_batches=(1, 2), decode_contexts=(16, 64),
+                   prefill_tokens=(16, 32), prefill_context_points=(), overhead_batches=(1,), reps=2,
+                   check_points=((1, 16),))
+    out = profile(spec, "cpu", tmp_path / "s.csv", grid, gpu_budget_gib=round(budget, 9), log=lambda m: None)
+    t = CalibrationTable.load(out)
+    assert t.meta["streamed_layers"] == list(range(1, spec.num_layers)) and t.meta["gpu_budget_gib"]
+    assert {"decode_step", "prefill_step", "decode_forward"} <= set(t.ops())
+    with pytest.raises(ConfigError, match="--cuda-graphs"):
+        profile(spec, "cpu", tmp_path / "x.csv", grid, gpu_budget_gib=1.0, cuda_graphs=True)
+
+
+def test_profile_grid_overrides_from_the_command_line(capsys):
+    from wicore.cli import main
+    from wicore.runtime.profiler import ProfileGrid, grid_with
+
+    g = grid_with(ProfileGrid(), ["decode_batches=1,4,16", "reps=10", "prefill_context_points=128:256,64:1024",
+                                  "check_points=", "steps=false"])
+    assert (g.decode_batches, g.reps, g.prefill_context_points, g.check_points, g.steps) == (
+        (1, 4, 16), 10, ((128, 256), (64, 1024)), (), False)
+    assert main(["profile", "--model", "tiny-gemma3", "--device", "cpu", "--out", "/tmp/x.csv",
+                 "--grid", "decode_batch=1"]) == 2
+    assert "must be FIELD=VALUES" in capsys.readouterr().err

@@ -70,7 +70,7 @@ from wicore.runtime.profile_primitives import (
     profile_disk,
     profile_gemms,
 )
-from wicore.runtime.timing import point, time_op
+from wicore.runtime.timing import interleaved, point, time_op
 from wicore.types import BatchItem, BlockRef, Phase, Request, StepPlan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +96,7 @@ class ProfileGrid:
     disk_sizes: tuple[int, ...] = (64 * MIB, 256 * MIB)
     check_points: tuple[tuple[int, int], ...] = ((1, 256), (8, 256), (32, 1024))  # whole decode steps (B, C)
     steps: bool = True  # decode_step(_mass) / prefill_step through TorchBackend.execute
+    rounds: int = 4  # forwards and steps: the reps of all points of an op spread over rounds (timing.interleaved)
     reps: int = 20
     warmup: int = 3
 
@@ -107,7 +108,7 @@ class ProfileGrid:
                    overhead_batches=(1, 2, 4, 8), overhead_steps=20, gemm_tokens=(1, 8, 32, 128),
                    attn_batches=(1, 8), attn_contexts=(64, 256), attn_prefill_tokens=(64, 256),
                    copy_sizes=(MIB, 4 * MIB, 16 * MIB), disk_sizes=(16 * MIB,), check_points=((4, 64),),
-                   reps=7, warmup=2)
+                   rounds=1, reps=7, warmup=2)
 
 
 @dataclass
@@ -122,6 +123,7 @@ class _Run:
     grid: ProfileGrid
     log: Log
     cuda_graphs: bool = False
+    streamer: Any = None  # a LayerStreamer when profiling under a GPU budget (streamed layers)
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -163,6 +165,33 @@ def load_model(source: ModelSpec | str | Path, device: torch.device, dtype: str 
     data["dtype"] = _auto_dtype(dtype if dtype not in (None, "auto") else data.get("dtype", "auto"), device)
     spec = ModelSpec.from_config(data)
     return build_model(spec, device, spec.dtype, seed=seed), spec, f"config {yml.name} (random weights)"
+
+
+def _stream(model: Transformer, spec: ModelSpec, device: torch.device, budget_gib: float,
+            notes: dict[str, Any]) -> tuple[Any, list[int]]:
+    """Stream the layers the static placement (default memory config) leaves off a GPU of ``budget_gib``
+    from host memory, as ``backend.gpu_budget_gib`` does on the real runtime."""
+    from dataclasses import replace
+
+    from wicore.memory.placement import MemoryConfig, StaticPlacement
+    from wicore.runtime.offload import offload_model
+
+    if budget_gib <= 0:
+        raise ConfigError(f"profile --gpu-budget-gib: must be > 0, got {budget_gib}")
+    hw = devices.probe(measure=False)
+    hw = replace(hw, gpu=replace(hw.gpu, memory_gib=float(budget_gib)))
+    mem = MemoryConfig()
+    placement = StaticPlacement(spec, hw, [0], 1, 1, mem)
+    streamed = [layer for layer, _ in placement.placements[0].streamed]
+    if not streamed:
+        notes["gpu_budget"] = f"{budget_gib} GiB holds every layer: nothing streamed"
+        return None, []
+    model.to("cpu")  # the streamer moves the resident part back and keeps the streamed layers on the host
+    streamer = offload_model(model, streamed, device, host_format="auto", buffers=mem.stream_buffer_layers,
+                             lookahead=mem.stream_buffer_layers - 1)
+    notes["gpu_budget"] = (f"{budget_gib} GiB: {len(streamed)} of {spec.num_layers} layers streamed from host "
+                           "memory every forward (static placement, default memory config)")
+    return streamer, streamed
 
 
 def device_name(device: torch.device) -> str:
@@ -232,8 +261,15 @@ def _backend(run: _Run, batch: int, prompt: int, page_tokens: int, measure: bool
              graphs: bool = False) -> TorchBackend:
     """A real TorchBackend over the run's model and cache with ``batch`` requests of ``prompt`` ids
     (``graphs``: decoding through CUDA graphs; the cache's last slot is their scratch slot)."""
-    be = TorchBackend(run.model, run.cache, time.perf_counter(), seed=0, measure_attention=measure,
-                      page_tokens=page_tokens, cuda_graphs=graphs)
+    be: TorchBackend
+    if run.streamer is not None:
+        from wicore.runtime.offload import StreamingTorchBackend
+
+        be = StreamingTorchBackend(run.model, run.cache, time.perf_counter(), streamer=run.streamer, seed=0,
+                                   measure_attention=measure, page_tokens=page_tokens)
+    else:
+        be = TorchBackend(run.model, run.cache, time.perf_counter(), seed=0, measure_attention=measure,
+                          page_tokens=page_tokens, cuda_graphs=graphs)
     for rid in range(batch):
         ids = torch.randint(0, run.spec.vocab_size, (prompt,), generator=torch.Generator().manual_seed(rid))
         be.add_request(Request(rid, 0.0, prompt, 1 << 30, prompt_ids=ids.tolist()))
@@ -280,6 +316,11 @@ def _check_steps(run: _Run, points: list[tuple[int, int]], page_tokens: int, mea
     return out
 
 
+def _step_timer(be: TorchBackend, plans: dict[Any, StepPlan]) -> Callable[[Any, int, int], list[float]]:
+    """A ``timing.interleaved`` timer of whole steps: ``plans[point]`` through ``be.execute``."""
+    return lambda p, n, warmup: _step_times(be, plans[p], n, warmup)
+
+
 def _step_times(be: TorchBackend, plan: StepPlan, reps: int, warmup: int) -> list[float]:
     """Seconds of ``reps`` executions of ``plan`` after ``warmup`` ones, each the interval the step
     reports (``end - start`` of its StepResult: what a run records as the step's duration)."""
@@ -302,17 +343,18 @@ def profile_steps(run: _Run, batches: list[int], contexts: list[int], prefill: l
         op = "decode_step_mass" if mass else "decode_step"
         run.log(f"{op}{' (CUDA graphs)' if run.cuda_graphs else ''}: batch {batches} x context {contexts}")
         be = _backend(run, max(batches), max(contexts) + depth, page_tokens, mass, run.cuda_graphs)
-        for b in batches:
-            for c in contexts:
-                plan = StepPlan(1, 0, 0.0, [BatchItem(rid, Phase.DECODE, 1, c, True) for rid in range(b)])
-                run.add(op, _step_times(be, plan, g.reps, g.warmup), batch=b, context=c)
+        plans = {(b, c): StepPlan(1, 0, 0.0, [BatchItem(rid, Phase.DECODE, 1, c, True) for rid in range(b)])
+                 for b in batches for c in contexts}
+        times = interleaved(list(plans), _step_timer(be, plans), g.reps, g.warmup, g.rounds)
+        for (b, c), ts in times.items():
+            run.add(op, ts, batch=b, context=c)
         for rid in range(max(batches)):
             be.release(rid)
     run.log(f"prefill_step: (tokens, context) {prefill}")
     be = _backend(run, 1, max(t + c for t, c in prefill) + depth, page_tokens, False, run.cuda_graphs)
-    for t, c in prefill:
-        plan = StepPlan(1, 0, 0.0, [BatchItem(0, Phase.PREFILL, t, c, True)])
-        run.add("prefill_step", _step_times(be, plan, g.reps, g.warmup), batch=1, tokens=t, context=c)
+    plans = {(t, c): StepPlan(1, 0, 0.0, [BatchItem(0, Phase.PREFILL, t, c, True)]) for t, c in prefill}
+    for (t, c), ts in interleaved(prefill, _step_timer(be, plans), g.reps, g.warmup, g.rounds).items():
+        run.add("prefill_step", ts, batch=1, tokens=t, context=c)
     be.release(0)
 
 
@@ -326,17 +368,18 @@ def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
         graph = (GraphDecode(run.model, run.cache, None, mass, page_tokens, scratch_slot=slots)
                  if run.cuda_graphs else None)
         run.log(f"{op}{' (CUDA graphs)' if graph is not None else ''}: batch {batches} x context {contexts}")
-        for b in batches:
-            for c in contexts:
-                ts = time_op(_decode_fn(run, b, c, mass, page_tokens, graph), dev, g.reps, g.warmup, wall=mass)
-                run.add(op, ts, batch=b, context=c)
-        del graph
+        fns = {(b, c): _decode_fn(run, b, c, mass, page_tokens, graph) for b in batches for c in contexts}
+        timer = (lambda p, n, w, fns=fns, mass=mass: time_op(fns[p], dev, n, w, wall=mass))  # noqa: E731
+        for (b, c), ts in interleaved(list(fns), timer, g.reps, g.warmup, g.rounds).items():
+            run.add(op, ts, batch=b, context=c)
+        del graph, fns
     points = [(t, 0) for t in g.prefill_tokens if t <= max_len]
     points += [(t, c) for t, c in g.prefill_context_points if c + t <= max_len]
     run.log(f"prefill_forward: (tokens, context) {points}")
-    for t, c in points:
-        run.add("prefill_forward", time_op(_prefill_fn(run, t, c), dev, g.reps, g.warmup), batch=1, tokens=t,
-                context=c)
+    pfns = {(t, c): _prefill_fn(run, t, c) for t, c in points}
+    for (t, c), ts in interleaved(points, lambda p, n, w: time_op(pfns[p], dev, n, w), g.reps, g.warmup,
+                                  g.rounds).items():
+        run.add("prefill_forward", ts, batch=1, tokens=t, context=c)
     if g.steps:
         ok = [(t, c) for t, c in points if t + c + g.reps + g.warmup + 2 <= max_len]
         profile_steps(run, batches, [c for c in contexts if c + g.reps + g.warmup + 2 <= max_len], ok,
@@ -359,7 +402,7 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
             grid: ProfileGrid | None = None, quick: bool = False, *, dtype: str | None = None,
             name: str | None = None, max_len: int = 2048, page_tokens: int = 16, seed: int = 0,
             threads: int | None = None, disk_dir: str | Path | None = None, log: Log | None = None,
-            cuda_graphs: bool = False) -> Path:
+            cuda_graphs: bool = False, gpu_budget_gib: float | None = None) -> Path:
     """Measure the runtime's ops for a model on ``device`` and write ``out_csv`` + ``<out_csv>.meta.json``.
 
     ``grid``: the points (default: ``ProfileGrid()``, or ``ProfileGrid.quick()`` with ``quick``);
@@ -368,7 +411,10 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
     ``threads``: torch CPU threads while profiling (None: as is; the runs to mirror must use the same);
     ``disk_dir``: where ``disk_read`` writes its temp files (default: the temp dir, often a tmpfs);
     ``cuda_graphs``: decode through CUDA graphs as runs with ``backend.cuda_graphs=true`` do (the
-    decode ops and whole steps; on a CPU device the same padded path runs eagerly)."""
+    decode ops and whole steps; on a CPU device the same padded path runs eagerly); ``gpu_budget_gib``: the
+    GPU budget of the runs to mirror (``backend.gpu_budget_gib``): the layers the static placement streams
+    under it are streamed from host memory, as the runtime does, so forwards and whole steps include the
+    streaming (its copies and its host cost)."""
     t_start = time.perf_counter()
     dev = resolve_device(device) if isinstance(device, str) else device
     threads_before = torch.get_num_threads()
@@ -378,7 +424,7 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
         torch.set_num_threads(threads)
     try:
         return _profile(spec_or_checkpoint, dev, out_csv, grid, quick, dtype, name, max_len, page_tokens, seed,
-                        disk_dir, log, t_start, cuda_graphs)
+                        disk_dir, log, t_start, cuda_graphs, gpu_budget_gib)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -386,21 +432,27 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
 def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_csv: str | Path,
              grid: ProfileGrid | None, quick: bool, dtype: str | None, name: str | None, max_len: int,
              page_tokens: int, seed: int, disk_dir: str | Path | None, log: Log | None, t_start: float,
-             cuda_graphs: bool = False) -> Path:
+             cuda_graphs: bool = False, gpu_budget_gib: float | None = None) -> Path:
     say: Log = log or (lambda msg: print(f"[profile] {msg}", file=sys.stderr))
     g = grid or (ProfileGrid.quick() if quick else ProfileGrid())
     if g.reps < 1 or g.warmup < 0:
         raise ConfigError(f"profile grid: reps must be >= 1 and warmup >= 0, got {g.reps}, {g.warmup}")
+    if gpu_budget_gib is not None and cuda_graphs:
+        raise ConfigError("profile: --cuda-graphs with --gpu-budget-gib: the runtime decodes a model with streamed "
+                          "layers eagerly; drop --cuda-graphs")
     model, spec, source = load_model(spec_or_checkpoint, dev, dtype, seed)
     max_len = min(int(max_len), spec.max_context)
     notes: dict[str, Any] = {}
+    streamer, streamed = (_stream(model, spec, dev, gpu_budget_gib, notes) if gpu_budget_gib is not None
+                          else (None, []))
     tdt = to_torch_dtype(spec.dtype)
     want = max([*g.decode_batches, *(b for b, _ in g.check_points), 1])
     slots = _kv_slots(spec, dev, max_len, want + int(cuda_graphs), torch.empty(0, dtype=tdt).element_size(),
                       notes) - int(cuda_graphs)
     cache = KVCache(spec, slots + int(cuda_graphs), max_len, device=dev, dtype=tdt)  # + the graphs' scratch slot
     dname = device_name(dev)
-    run = _Run(model, spec, name or spec.name, spec.dtype, dev, dname, cache, g, say, cuda_graphs, notes=notes)
+    run = _Run(model, spec, name or spec.name, spec.dtype, dev, dname, cache, g, say, cuda_graphs, streamer,
+               notes=notes)
     say(f"{run.name} ({source}, {spec.dtype}) on {dname}: max_len {max_len}, {slots} KV slots"
         f"{', CUDA-graph decode' if cuda_graphs else ''}")
     with torch.inference_mode():
@@ -423,7 +475,7 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     meta = {"torch_version": torch.__version__, "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(
         timespec="seconds"), "device": str(dev), "device_name": dname, "model": run.name, "source": source,
         "dtype": spec.dtype, "max_len": max_len, "kv_slots": slots, "page_tokens": page_tokens,
-        "cuda_graphs": bool(cuda_graphs),
+        "cuda_graphs": bool(cuda_graphs), "gpu_budget_gib": gpu_budget_gib, "streamed_layers": streamed,
         "cuda": torch.version.cuda, "host": platform.platform(), "python": platform.python_version(),
         "threads": torch.get_num_threads(), "quick": quick, "grid": asdict(g), "skipped": skipped,
         "notes": notes, "summary": summarize(run.rows), "profile_s": round(time.perf_counter() - t_start, 2)}
@@ -448,6 +500,32 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def grid_with(grid: ProfileGrid, items: list[str]) -> ProfileGrid:
+    """``grid`` with ``FIELD=VALUES`` overrides: integer fields take one integer, tuple-of-int fields a comma
+    list, ``prefill_context_points`` / ``check_points`` pairs ``a:b`` (comma separated, empty for none)."""
+    from dataclasses import fields, replace
+
+    kinds = {f.name: f.type for f in fields(ProfileGrid)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in kinds:
+            raise ConfigError(f"profile --grid: '{item}' must be FIELD=VALUES with FIELD one of {sorted(kinds)}")
+        kind = str(kinds[key])
+        try:
+            if kind == "bool":
+                changes[key] = text.lower() in ("1", "true", "yes")
+            elif kind == "int":
+                changes[key] = int(text)
+            elif "tuple[int, int]" in kind:
+                changes[key] = tuple(tuple(int(x) for x in p.split(":")) for p in text.split(",") if p)
+            else:
+                changes[key] = tuple(int(x) for x in text.split(",") if x)
+        except ValueError:
+            raise ConfigError(f"profile --grid: cannot read '{item}' (integers, comma lists, a:b pairs)") from None
+    return replace(grid, **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="wicore profile", description="measure op costs and write a calibration table")
     ap.add_argument("--model", required=True, help="model config name (conf/model) or checkpoint directory")
@@ -462,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk-dir", default=None, help="folder for the disk-read test (default: the temp dir)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="decode through CUDA graphs, as runs with backend.cuda_graphs=true do")
+    ap.add_argument("--gpu-budget-gib", type=float, default=None,
+                    help="GPU budget of the runs to mirror (backend.gpu_budget_gib): stream what does not fit")
+    ap.add_argument("--grid", action="append", default=[], metavar="FIELD=VALUES",
+                    help="override a grid field, e.g. decode_batches=1,4,16 or reps=10 (repeatable)")
     args = ap.parse_args(argv)
     grid = ProfileGrid.quick() if args.quick else ProfileGrid()
     if args.no_primitives:
@@ -469,8 +551,14 @@ def main(argv: list[str] | None = None) -> int:
 
         grid = replace(grid, primitives=False)
     try:
+        grid = grid_with(grid, args.grid)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         profile(args.model, args.device, args.out, grid, quick=args.quick, dtype=args.dtype, name=args.name,
-                max_len=args.max_len, threads=args.threads, disk_dir=args.disk_dir, cuda_graphs=args.cuda_graphs)
+                max_len=args.max_len, threads=args.threads, disk_dir=args.disk_dir, cuda_graphs=args.cuda_graphs,
+                gpu_budget_gib=args.gpu_budget_gib)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,14 +5,19 @@
 around a synchronisation on both sides: for ops that synchronise the host
 themselves (sampling with ``.tolist()``, the attention-mass read-back), whose
 cost is the host's wait, not only the GPU's work. ``point`` turns the timings
-into a table row (median, 10th and 90th percentile).
+into a table row (median, 10th and 90th percentile). ``interleaved`` spreads the
+timings of many points over rounds in a shuffled order, so that a slow phase of
+the host (a burst of other work, a clock change) lands on every point a little
+instead of on a few consecutive points entirely.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +49,29 @@ def time_op(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int,
             fn()
             synchronize(device)
             out.append(time.perf_counter() - t0)
+    return out
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def interleaved(points: Sequence[K], timer: Callable[[K, int, int], list[float]], reps: int, warmup: int,
+                rounds: int = 1, seed: int = 0) -> dict[K, list[float]]:
+    """``reps`` timings of every point, taken over ``rounds`` rounds that each visit every point once in a
+    freshly shuffled order. ``timer(point, n, warmup)`` returns ``n`` timings after ``warmup`` untimed
+    runs; the warm-up is asked for on a point's first visit only."""
+    rounds = max(1, min(int(rounds), int(reps)))
+    per = math.ceil(reps / rounds)
+    out: dict[K, list[float]] = {p: [] for p in points}
+    order = list(points)
+    rng = random.Random(seed)
+    for r in range(rounds):
+        if r:
+            rng.shuffle(order)
+        for p in order:
+            n = min(per, reps - len(out[p]))
+            if n > 0:
+                out[p] += timer(p, n, warmup if r == 0 else 0)
     return out
 
 
