@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-validate | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -69,6 +69,41 @@ case $stage in
         --out "$R/calibration/h100_${m}_${d}_${g}.csv" > "$R/calibration/log_${m}_${d}_${g}.txt" 2>&1
       tail -1 "$R/calibration/log_${m}_${d}_${g}.txt"; date
     done
+    ;;
+  fidelity-profile2)
+    # the graph tables again, forwards and steps timed in interleaved rounds (the first tables had a slow
+    # host phase over neighbouring prefill points)
+    mkdir -p "$R/calibration"
+    for mdg in gemma3-1b:bf16:115 gemma3-1b:fp16:105 tiny-gemma3:fp32:40 tiny-gemma3:bf16:40; do
+      IFS=: read -r m d limit <<< "$mdg"
+      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda --cuda-graphs --no-primitives \
+        --out "$R/calibration/h100_${m}_${d}_graphs.csv" > "$R/calibration/log_${m}_${d}_graphs.txt" 2>&1
+      tail -1 "$R/calibration/log_${m}_${d}_graphs.txt"; date
+    done
+    ;;
+  fidelity-profile-stream)
+    # gemma3-1b bf16 under the grid's two GPU budgets: whole steps with the streamed layers streamed
+    mkdir -p "$R/calibration"
+    G="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
+       --grid prefill_context_points= --grid reps=12 --grid rounds=3 --grid overhead_batches=1,4,16
+       --grid check_points=1:160"
+    for b in 4.0 4.5; do
+      timeout 170 python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
+        --gpu-budget-gib $b $G --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
+        > "$R/calibration/log_gpu${b}g.txt" 2>&1
+      tail -1 "$R/calibration/log_gpu${b}g.txt"; date
+    done
+    timeout 200 python3 -m pytest -q -m gpu tests/test_kv_swap.py tests/test_nvme_tier.py tests/test_graph_decode.py \
+      -p no:cacheprovider > "$R/gpu_tests.txt" 2>&1
+    tail -5 "$R/gpu_tests.txt"; date
+    ;;
+  decode-bw)
+    timeout 570 python3 benchmarks/gpu_decode_bw.py --out "$R/gpu_decode_bw" --max-s 480 > "$R/log.txt" 2>&1
+    tail -30 "$R/log.txt"; date
+    ;;
+  tiers)
+    timeout 570 python3 benchmarks/gpu_tiers.py --out "$R/gpu_tiers" --nvme-dir /tmp/wicore-nvme > "$R/log.txt" 2>&1
+    tail -40 "$R/log.txt"; date
     ;;
   fidelity-validate)
     # the grid's 1-GPU configs on the real runtime, CUDA-graph decode, each run twice (noise floor)

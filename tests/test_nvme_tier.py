@@ -271,3 +271,25 @@ def test_an_nvme_dir_that_cannot_be_written_fails_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match="parallel.pp=1"):  # the tier is implemented for one GPU only
         # two stages of 3 layers, each streaming all 3
         build_torch(nvme_cfg("parallel=pp", budget=f"backend.gpu_budget_gib={streaming_budget_gib(gemma(), 0):.9f}"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvme_forward_on_cuda_equals_the_dequantized_resident_model_there():
+    """The CUDA path: pinned staging buffers, the copy stream, the reader waiting on copy events."""
+    spec = gemma("bf16")
+    ref = reference(spec)
+    streamed = list(range(1, spec.num_layers))
+    want = dequantized(ref, streamed).to("cuda")
+    model = copy.deepcopy(ref)
+    st = offload_model(model, streamed, "cuda", source="nvme", store=NvmeStore(None), host_format="auto",
+                       buffers=2, lookahead=1)
+    ids, pos = inputs(spec)
+    ids, pos = ids.cuda(), pos.cuda()
+    with torch.inference_mode():
+        exact = want(ids, pos)
+        for _ in range(3):
+            torch.testing.assert_close(model(ids, pos), exact, rtol=0, atol=0)
+    s = st.stats()
+    assert s["source"] == "nvme" and s["disk_bytes"] > 0 and s["bytes_copied"] > 0 and s["resyncs"] == 0
+    st.close()
