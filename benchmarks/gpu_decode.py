@@ -213,9 +213,12 @@ def make_spec(path: str, dtype: str) -> ModelSpec:
 
 
 def run_decode(model: Transformer, cache: KVCache, spec: ModelSpec, prompts: torch.Tensor, steps: int,
-               repeats: int, mode: str, copy_bw: float | None) -> tuple[dict[str, Any], torch.Tensor]:
+               repeats: int, mode: str, copy_bw: float | None, teacher: torch.Tensor | None = None
+               ) -> tuple[dict[str, Any], torch.Tensor]:
     """Prefill ``prompts`` [B, T] into slots 0..B-1, then ``steps - 1`` decode steps with GraphedDecoder
-    (``mode``: graph / eager / compile). Returns (metrics, generated tokens [B, steps] on the CPU)."""
+    (``mode``: graph / eager / compile). Returns (metrics, generated tokens [B, steps] on the CPU).
+    ``teacher`` [B, steps] (another run's tokens): afterwards the same decoder is fed those tokens one by
+    one and ``teacher_forced`` says how often its greedy next token is the teacher's next one."""
     device = prompts.device
     b, t = prompts.shape
     pos = torch.arange(t, device=device).expand(b, t)
@@ -254,6 +257,13 @@ def run_decode(model: Transformer, cache: KVCache, spec: ModelSpec, prompts: tor
     }
     if copy_bw:
         out["fraction_of_copy_bw"] = out["achieved_GBps"] / copy_bw
+    if teacher is not None:
+        ref = teacher.to(device)
+        agree = torch.zeros((), dtype=torch.long, device=device)
+        for i in range(ref.shape[1] - 1):
+            agree += (dec.step(ref[:, i], start + i) == ref[:, i + 1]).sum()
+        total = b * (ref.shape[1] - 1)
+        out["teacher_forced"] = {"positions": total, "agree": int(agree), "fraction": int(agree) / total}
     out["_prompt_logits_row0"] = prompt_logits[0].float().cpu()
     log(f"B={b} {dec.mode}: prefill {prefill_s * 1e3:.1f} ms, {per_step * 1e3:.3f} ms/step, "
         f"{out['decode_tok_s']:.1f} tok/s decode, {out['achieved_GBps']:.0f} GB/s read")

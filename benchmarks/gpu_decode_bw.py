@@ -18,7 +18,9 @@ be exceeded:
    ``graph_fused`` (the same with fused projections), ``compile_fused`` (``torch.compile``
    reduce-overhead on the fused model: Inductor fuses the elementwise ops), ``compile_fused_cdt`` (the
    same with Inductor's coordinate-descent tuning). ms per token, tokens/s, achieved bandwidth, fraction
-   of the copy bandwidth, and whether the greedy tokens equal the unfused graph's.
+   of the copy bandwidth, whether the greedy tokens equal the unfused graph's, and (teacher forcing) how
+   often a variant fed the unfused graph's tokens predicts the same next token: free-running greedy
+   sequences of random-weight models part at the first near-tie, so this is the numerical check.
 
 ``table.md`` adds the split of a token's time: GEMVs (floor) vs everything else (attention, norms,
 RoPE, sampling, launch gaps). Exits 0 with a message without CUDA; ``--cpu-smoke`` runs every
@@ -139,6 +141,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         if "tokens_vs_graph" in d:
             m = d["tokens_vs_graph"]
             rows.append((f"decode {name}: tokens == graph", f"{m['matching']}/{m['compared']} (prefix {m['prefix']})"))
+        if "teacher_forced" in d:
+            tf = d["teacher_forced"]
+            rows.append((f"decode {name}: fed the graph's tokens, same next token",
+                         f"{tf['agree']}/{tf['positions']} ({fmt(100 * tf['fraction'], 1)} %)"))
     return rows
 
 
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch._dynamo.reset()
                     inductor_config.coordinate_descent_tuning = cdt
                 t0 = time.perf_counter()
-                res, tokens = run_decode(model, cache, spec, prompt, args.steps, args.repeats, mode, copy_bw)
+                res, tokens = run_decode(model, cache, spec, prompt, args.steps, args.repeats, mode, copy_bw,
+                                         teacher=base_tokens)
                 res.pop("_prompt_logits_row0", None)
                 res["wall_s"] = time.perf_counter() - t0
                 out.update(res)

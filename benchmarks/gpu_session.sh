@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -97,8 +97,38 @@ case $stage in
       -p no:cacheprovider > "$R/gpu_tests.txt" 2>&1
     tail -5 "$R/gpu_tests.txt"; date
     ;;
+  same-profile)
+    # calibration and validation on one machine (run same-validate right after, on the same warm lease):
+    # the runtime is host-bound, so tables from another machine of the same kind are 10 % off
+    mkdir -p "$R/calibration"
+    Q="--grid reps=12 --grid rounds=3"
+    for md in gemma3-1b:bf16 gemma3-1b:fp16 tiny-gemma3:fp32 tiny-gemma3:bf16; do
+      IFS=: read -r m d <<< "$md"
+      timeout 90 python3 -m wicore.cli profile --model $m --dtype $d --device cuda --cuda-graphs --no-primitives $Q \
+        --out "$R/calibration/h100_${m}_${d}_graphs.csv" > "$R/calibration/log_${m}_${d}_graphs.txt" 2>&1
+      tail -1 "$R/calibration/log_${m}_${d}_graphs.txt"; date
+    done
+    G="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
+       --grid prefill_context_points= --grid overhead_batches=1,4,16 --grid check_points=1:160"
+    for b in 4.0 4.5; do
+      timeout 120 python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
+        --gpu-budget-gib $b $G $Q --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
+        > "$R/calibration/log_gpu${b}g.txt" 2>&1
+      tail -1 "$R/calibration/log_gpu${b}g.txt"; date
+    done
+    ;;
+  same-validate)
+    # every 1-GPU grid config, CUDA-graph decode; the resident ones twice (noise floor), the offloaded once
+    timeout 330 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" \
+      --torch-extra backend.cuda_graphs=true --repeat --only 'tiny-*,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked,1b-c16-mixed-*,*-fp16' \
+      > "$R/validate_log.txt" 2>&1
+    timeout 240 python3 -m experiments.validate --backends torch --out "$R/validation" --no-warmup \
+      --torch-extra backend.cuda_graphs=true --only '*gpu4*' >> "$R/validate_log.txt" 2>&1
+    grep -E "^\[|runs ok" "$R/validate_log.txt" | tail -70; date
+    ;;
   decode-bw)
-    timeout 570 python3 benchmarks/gpu_decode_bw.py --out "$R/gpu_decode_bw" --max-s 480 > "$R/log.txt" 2>&1
+    timeout 570 python3 benchmarks/gpu_decode_bw.py --out "$R/gpu_decode_bw" --max-s 480 ${VARIANTS:+--variants $VARIANTS} \
+      > "$R/log.txt" 2>&1
     tail -30 "$R/log.txt"; date
     ;;
   tiers)
