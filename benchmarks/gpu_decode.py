@@ -258,6 +258,9 @@ def run_decode(model: Transformer, cache: KVCache, spec: ModelSpec, prompts: tor
     if copy_bw:
         out["fraction_of_copy_bw"] = out["achieved_GBps"] / copy_bw
     if teacher is not None:
+        # logits of the first decode step (same input for every variant): compare them across variants
+        dec.step(tok0, start)
+        out["_first_step_logits"] = dec.logits[0].float().cpu().clone()
         ref = teacher.to(device)
         agree = torch.zeros((), dtype=torch.long, device=device)
         for i in range(ref.shape[1] - 1):

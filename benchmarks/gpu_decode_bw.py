@@ -102,6 +102,15 @@ def bench_gemv_floor(out: dict[str, Any], model: Transformer, device: torch.devi
     log(f"GEMV floor ({len(weights)} matrices): {t * 1e3:.3f} ms -> {out['achieved_GBps']:.0f} GB/s")
 
 
+def logits_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How close two logit vectors of the same step are: max |diff| over the logits' standard deviation,
+    cosine similarity, and the overlap of their top-10 tokens."""
+    top_a, top_b = set(a.topk(10).indices.tolist()), set(b.topk(10).indices.tolist())
+    return {"max_abs_diff_over_std": float((a - b).abs().max() / b.std()),
+            "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+            "top10_overlap": len(top_a & top_b) / 10, "same_argmax": bool(a.argmax() == b.argmax())}
+
+
 def set_fused(model: Transformer, fused: bool, device: torch.device) -> None:
     if fused:
         fuse_projections(model, device)
@@ -141,6 +150,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         if "tokens_vs_graph" in d:
             m = d["tokens_vs_graph"]
             rows.append((f"decode {name}: tokens == graph", f"{m['matching']}/{m['compared']} (prefix {m['prefix']})"))
+        if "first_step_logits_vs_graph_fused" in d:
+            la = d["first_step_logits_vs_graph_fused"]
+            rows.append((f"decode {name}: first-step logits vs graph_fused (max diff/std, cosine, top-10)",
+                         f"{fmt(la['max_abs_diff_over_std'])}, {la['cosine']:.6f}, {fmt(la['top10_overlap'], 1)}"))
         if "teacher_forced" in d:
             tf = d["teacher_forced"]
             rows.append((f"decode {name}: fed the graph's tokens, same next token",
@@ -203,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                     set_fused(model, fused, device)
                     bench_gemv_floor(out, model, device, 5 if device.type == "cuda" else 1, copy_bw)
         base_tokens: torch.Tensor | None = None
+        base_logits: torch.Tensor | None = None
         wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
         for name, mode, fused, cdt in VARIANTS:
             if name not in wanted:
@@ -218,10 +232,17 @@ def main(argv: list[str] | None = None) -> int:
                 res, tokens = run_decode(model, cache, spec, prompt, args.steps, args.repeats, mode, copy_bw,
                                          teacher=base_tokens)
                 res.pop("_prompt_logits_row0", None)
+                first = res.pop("_first_step_logits", None)
                 res["wall_s"] = time.perf_counter() - t0
                 out.update(res)
                 if base_tokens is None:
                     base_tokens = tokens
+                    base_logits = None
+                if first is not None:
+                    if base_logits is None:  # the first variant with a teacher run is the logits reference
+                        base_logits = first
+                    else:
+                        out["first_step_logits_vs_graph_fused"] = logits_agreement(first, base_logits)
                 else:
                     out["tokens_vs_graph"] = match_stats(tokens[0].tolist(), base_tokens[0].tolist(), args.steps)
             free(device)
