@@ -87,7 +87,7 @@ from wicore.model.kv_cache import KVCache  # noqa: E402
 from wicore.model.spec import ModelSpec  # noqa: E402
 from wicore.model.transformer import Transformer, to_torch_dtype  # noqa: E402
 from wicore.runtime.kv_swap import swap_names  # noqa: E402
-from wicore.runtime.nvme_store import NvmeStore  # noqa: E402
+from wicore.runtime.nvme_store import NvmeStore, mount_of  # noqa: E402
 from wicore.runtime.offload import offload_model  # noqa: E402
 from wicore.server.cli import compose  # noqa: E402
 from wicore.types import StepPlan  # noqa: E402
@@ -139,21 +139,6 @@ def failures(node: Any, path: str = "") -> list[str]:
     if "error" in node:
         return [path or "."]
     return [p for k, v in node.items() for p in failures(v, f"{path}.{k}" if path else str(k))]
-
-
-def mount_of(path: Path) -> dict[str, str]:
-    """The mount holding ``path`` (/proc/mounts, the longest mount point above it): source, mount point, fs."""
-    best = {"source": "", "mount": "", "fs": ""}
-    with contextlib.suppress(OSError):
-        target = str(path.resolve())
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) < 3:
-                continue
-            mnt = parts[1].replace("\\040", " ")
-            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best["mount"]):
-                best = {"source": parts[0], "mount": mnt, "fs": parts[2]}
-    return best
 
 
 def host_available_bytes() -> int | None:

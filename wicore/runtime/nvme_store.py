@@ -71,9 +71,10 @@ class LayerFile:
         return a0, a1 - a0, self.data_start - a0
 
 
-def _fs_type(path: Path) -> str:
-    """Filesystem type of ``path`` from /proc/mounts (longest mount point above it); "" if unknown."""
-    best, kind = "", ""
+def mount_of(path: Path) -> dict[str, str]:
+    """The mount holding ``path`` (/proc/mounts, the longest mount point above it): its ``source``, ``mount``
+    point and filesystem type ``fs``; empty strings where unknown."""
+    best = {"source": "", "mount": "", "fs": ""}
     with contextlib.suppress(OSError):
         target = str(path.resolve())
         for line in Path("/proc/mounts").read_text().splitlines():
@@ -81,10 +82,9 @@ def _fs_type(path: Path) -> str:
             if len(parts) < 3:
                 continue
             mnt = parts[1].replace("\\040", " ")
-            inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) > len(best):
-                best, kind = mnt, parts[2]
-    return kind
+            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best["mount"]):
+                best = {"source": parts[0], "mount": mnt, "fs": parts[2]}
+    return best
 
 
 def _probe_direct(directory: Path) -> bool:
@@ -147,7 +147,7 @@ class NvmeStore:
             raise ConfigError(f"{field}: O_DIRECT reads are not supported in {self.dir.parent}; use another "
                               "directory or let the store read through the page cache")
         self.direct = can_direct if direct_io is None else bool(direct_io)
-        self.fs_type = _fs_type(self.dir)
+        self.fs_type = mount_of(self.dir)["fs"]
         self.io_mode = "O_DIRECT" if self.direct else (
             "buffered+POSIX_FADV_DONTNEED" if hasattr(os, "posix_fadvise") else "buffered (page cache)")
 
