@@ -131,15 +131,14 @@ class Engine:
         if out.kv_moves:
             to_host, to_gpu, gone = out.net_kv_moves()
             dropped = [s.request_id for s in gone]
-            if out.swap_out_pages or out.swap_in_pages:
+            if to_host or to_gpu:  # only the KV that changes side moves (a swap in and straight out does not)
                 ops = list(ops)
                 for g, gpb in zip(self.placement.gpus, self.placement.page_bytes_per_gpu):
-                    if out.swap_out_pages:
-                        ops.append(MemoryOp("swap_out", f"gpu{g}", "cpu", out.swap_out_pages * gpb, device=g,
-                                            blocks=_kv_pages(to_host, g)))
-                    if out.swap_in_pages:
-                        ops.append(MemoryOp("swap_in", "cpu", f"gpu{g}", out.swap_in_pages * gpb, device=g,
-                                            blocks=_kv_pages(to_gpu, g)))
+                    for kind, src, dst, seqs in (("swap_out", f"gpu{g}", "cpu", to_host),
+                                                 ("swap_in", "cpu", f"gpu{g}", to_gpu)):
+                        pages = _kv_pages(seqs, g)
+                        if pages:
+                            ops.append(MemoryOp(kind, src, dst, len(pages) * gpb, device=g, blocks=pages))
         for seq in self.scheduler.running:
             if seq.first_scheduled < 0:
                 seq.first_scheduled = now
