@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,22 @@ def test_fidelity_stats_pass_only_when_both_targets_hold():
     tail = fidelity_stats(rows([0.01] * 8 + [0.2, 0.3]))  # median fine, p90 not
     assert bool(tail["median_ok"].iloc[0]) and not bool(tail["p90_ok"].iloc[0]) and not bool(tail["met"].iloc[0])
     assert tail["median_abs"].iloc[0] <= MEDIAN_TARGET < P90_TARGET < tail["p90_abs"].iloc[0]
+
+
+def test_report_states_the_spread_of_the_measured_costs_it_used(validation_dir, tmp_path):
+    """With a calibration table on the sim side, the report lists every table op the runs looked up with the
+    spread (p90 / p10) of its profiled points."""
+    table = Path(__file__).parent / "data" / "calib_tiny_gemma3_cpu.csv"
+    out = tmp_path / "v"
+    shutil.copytree(validation_dir, out)
+    assert main(["--backends", "sim", "--out", str(out), "--only", "tiny-c1-short,tiny-c4-short",
+                 "--calibration", str(table), *SMALL]) == 0
+    spread = pd.read_csv(out / "fidelity_cost_spread.csv")
+    rows = pd.read_csv(table)
+    used = json.loads((out / "tiny-c4-short" / "sim" / "cost_sources.json").read_text())
+    looked_up = {op for op, v in used["ops"].items() if sum(n for k, n in v["lookups"].items() if k != "roofline")}
+    assert set(spread["op"]) == looked_up and "decode_forward_mass" in looked_up
+    g = rows[(rows["op"] == "decode_forward_mass") & (rows["model"] == "tiny-gemma3")]
+    got = spread.set_index("op").loc["decode_forward_mass"]
+    assert got["points"] == len(g) and got["median_spread"] == pytest.approx((g["p90_s"] / g["p10_s"]).median())
+    assert "## Spread of the measured costs" in (out / "fidelity.md").read_text()

@@ -10,7 +10,8 @@
 * ``fidelity_report(pairs, out_dir)``: ``fidelity.csv``, ``fidelity_summary.csv``,
   ``fidelity_steps.csv``, ``plots/`` (parity, error CDF, step times) and ``fidelity.md``,
   which names the worst configs and, from the step tables, which kind of step or transfer
-  the simulator gets wrong (``wicore.step_analysis``).
+  the simulator gets wrong (``wicore.step_analysis``), and how stable the measured costs it used were
+  where they were profiled (``cost_spread``: p90 / p10 of each point of the calibration table).
 
 Peak memory per tier: both backends record the *placement's accounting* (weights + fixed +
 KV pages in use) in ``tiers.parquet``, so equal values show that the two runs made the same
@@ -21,6 +22,7 @@ allocator saw (``validation.json``: ``measured.gpu_peak_allocated_bytes``), a
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +210,55 @@ def cost_table(pairs: list[Pair]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+SPREAD_LIMIT = 1.3  # p90 / p10 of a measured point above which the op was not stable where it was profiled
+SPREAD_COLUMNS = ["table", "op", "model", "dtype", "points", "median_spread", "max_spread", "unstable_points"]
+
+
+def _table_file(value: str, folder: Path) -> Path | None:
+    """The calibration table a sim run names (its path, else a file of that name in the validation folder's
+    ``calibration/``, where result folders moved from another machine keep theirs)."""
+    p = Path(value)
+    for cand in (p, folder / "calibration" / p.name, folder / p.name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def cost_spread(pairs: list[Pair], root: Path | str) -> pd.DataFrame:
+    """For every measured op the sim runs used (``cost_sources.json``): how widely its repeated timings
+    spread where it was profiled, per table, model and dtype: ``median_spread`` / ``max_spread`` of
+    p90 / p10 over its points and how many points exceed ``SPREAD_LIMIT``."""
+    used: dict[tuple[str, str, str], set[str]] = {}
+    for p in pairs:
+        path = p.sim.path / "cost_sources.json"
+        if not path.is_file():
+            continue
+        src = json.loads(path.read_text(encoding="utf-8"))
+        table = (src.get("table") or {}).get("path")
+        if not src.get("calibrated") or not table:
+            continue
+        ops = {op for op, v in (src.get("ops") or {}).items()  # the ops the run looked up in the table
+               if v.get("source") == "measured"
+               and sum(n for k, n in (v.get("lookups") or {}).items() if k != "roofline") > 0}
+        used.setdefault((str(table), str(src.get("model", "")), str(src.get("dtype", ""))), set()).update(ops)
+    out = []
+    for (table, model, dtype), ops in sorted(used.items()):
+        f = _table_file(table, Path(root))
+        if f is None:
+            continue
+        t = pd.read_csv(f)
+        for op in sorted(ops):
+            g = t[(t["op"] == op) & (t["model"].fillna("") == model) & (t["dtype"].fillna("") == dtype)]
+            g = g[g["p10_s"] > 0]
+            if g.empty:
+                continue
+            spread = g["p90_s"] / g["p10_s"]
+            out.append({"table": f.name, "op": op, "model": model, "dtype": dtype, "points": len(g),
+                        "median_spread": float(spread.median()), "max_spread": float(spread.max()),
+                        "unstable_points": int((spread > SPREAD_LIMIT).sum())})
+    return pd.DataFrame(out, columns=SPREAD_COLUMNS)
+
+
 def fidelity_report(pairs: list[Pair], out_dir: Path | str, missing: dict[str, str] | None = None,
                     repeats: list[Pair] | None = None) -> Path:
     """Write the fidelity tables, plots and ``fidelity.md`` into ``out_dir``; return the md path.
@@ -235,6 +286,9 @@ def fidelity_report(pairs: list[Pair], out_dir: Path | str, missing: dict[str, s
         noise = fidelity_stats(compare_all(repeats))
         noise = noise[noise["target"].astype(bool) | (noise["metric"] == "e2e_p50")].reset_index(drop=True)
         noise.to_csv(out / "fidelity_noise.csv", index=False)
+    spread = cost_spread(pairs, out)
+    if len(spread):
+        spread.to_csv(out / "fidelity_cost_spread.csv", index=False)
     path = out / "fidelity.md"
-    path.write_text(write_markdown(pairs, rows, stats, dec, costs, missing or {}, noise), encoding="utf-8")
+    path.write_text(write_markdown(pairs, rows, stats, dec, costs, missing or {}, noise, spread), encoding="utf-8")
     return path

@@ -171,8 +171,30 @@ def _noise(noise: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
                           "sim vs real: p90"], body), ""]
 
 
+def _spread(spread: pd.DataFrame) -> list[str]:
+    """The measured costs the simulator used, by how much their repeated timings spread."""
+    from wicore.fidelity import SPREAD_LIMIT
+
+    body = [[str(r.op), f"{r.model} {r.dtype}", str(r.table), str(int(r.points)), fmt(r.median_spread),
+             fmt(r.max_spread), f"{int(r.unstable_points)} / {int(r.points)}"]
+            for r in spread.sort_values(["unstable_points", "median_spread"], ascending=False).itertuples()]
+    bad = spread[spread["unstable_points"] > spread["points"] / 2]
+    md = ["## Spread of the measured costs", "",
+          "The simulator uses the median of each calibration point. Where the repeated timings of a point spread "
+          f"widely (p90 / p10 > {SPREAD_LIMIT}) the op was not stable on the profiled machine, and a run's steps can "
+          "land anywhere in that range, which a median cannot follow "
+          "([fidelity_cost_spread.csv](fidelity_cost_spread.csv)).", "",
+          md_table(["op", "model", "table", "points", "median p90/p10", "max p90/p10", f"points > {SPREAD_LIMIT}"],
+                   body), ""]
+    if len(bad):
+        names = sorted({f"{r.op} ({r.model} {r.dtype})" for r in bad.itertuples()})
+        md += ["Unstable at most of their points: " + "; ".join(names) + ".", ""]
+    return md
+
+
 def write_markdown(pairs: list[Pair], rows: pd.DataFrame, stats: pd.DataFrame, dec: pd.DataFrame,
-                   costs: pd.DataFrame, missing: dict[str, str], noise: pd.DataFrame | None = None) -> str:
+                   costs: pd.DataFrame, missing: dict[str, str], noise: pd.DataFrame | None = None,
+                   spread: pd.DataFrame | None = None) -> str:
     sim_hw = sorted({str(x) for x in rows["sim_hardware"].dropna().unique()}) if len(rows) else []
     real_hw = sorted({str(x) for x in rows["real_hardware"].dropna().unique()}) if len(rows) else []
     md = ["# Simulator fidelity: backend=sim vs the real runtime", "",
@@ -185,6 +207,8 @@ def write_markdown(pairs: list[Pair], rows: pd.DataFrame, stats: pd.DataFrame, d
         md += _noise(noise, stats)
     md += _worst(rows)
     md += _where(dec, costs)
+    if spread is not None and len(spread):
+        md += _spread(spread)
     md += _other(stats)
     md += _per_config(pairs, rows, dec)
     if missing:
