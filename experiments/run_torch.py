@@ -35,6 +35,7 @@ class TorchSetup:
     placement: StaticPlacement
     t0: float
     pp: int = 1  # pipeline stages (backend: a PipelineBackend when > 1; close() it when done)
+    warmup: dict[str, Any] | None = None  # what the warm-up ran (None: backend.warmup=false, or pipeline)
 
 
 def torch_pipeline_depth(cfg: DictConfig) -> int:
@@ -228,23 +229,21 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         from wicore.runtime.offload import StreamingTorchBackend
 
         backend = StreamingTorchBackend(model, cache, t0, streamer=streamer, **kw)
-    if bool(bc.get("warmup", True)):
-        t0 = _warm_up(cfg, backend, workload, max_len)
-    return TorchSetup(engine, backend, workload, recorder, hw, spec, placement, t0)
+    warmed = _warm_up(cfg, backend, workload, max_len) if bool(bc.get("warmup", True)) else None
+    if warmed is not None:
+        t0 = backend.t0
+    return TorchSetup(engine, backend, workload, recorder, hw, spec, placement, t0, warmup=warmed)
 
 
-def _warm_up(cfg: DictConfig, backend: Any, workload: Any, max_len: int) -> float:
+def _warm_up(cfg: DictConfig, backend: Any, workload: Any, max_len: int) -> dict[str, Any]:
     """Warm the backend up (``wicore.runtime.warmup``) with the run's longest prefill chunk and every decode
-    batch size it can capture, then restart its clock; returns the new clock start."""
+    batch size it can capture; the warm-up restarts the backend's clock and counters. Returns what ran."""
     from wicore.runtime.warmup import warm_up
 
     rows = int(cfg.scheduler.max_num_seqs)
     batches = list(backend.graph.buckets) if getattr(backend, "graph", None) is not None else [rows]
     longest = min(int(workload.prompts.max()), int(cfg.scheduler.max_batched_tokens))
-    backend.warmup_info = warm_up(backend, min(longest, max_len - len(batches) - 1), batches)
-    t0 = time.perf_counter()
-    backend.t0 = t0
-    return t0
+    return warm_up(backend, min(longest, max_len - len(batches) - 1), batches)
 
 
 def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False,
@@ -283,7 +282,7 @@ def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False,
                     "wall_s": end, "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else "random weights"}
         return write_results(cfg, out, s.recorder, s.hw, s.spec, SLO(**plain(cfg.slo)), end, run_info,
                              {**s.placement.describe(), **s.backend.describe(),
-                              "warmup": getattr(s.backend, "warmup_info", "off")}, None)
+                              "warmup": s.warmup or "off"}, None)
     finally:
         if s.pp > 1:
             s.backend.close()

@@ -51,7 +51,7 @@ def test_fusing_keeps_parameters_and_logits_and_skips_layers():
 
 def test_fused_projections_in_the_engine_give_the_tokens_of_the_unfused_model():
     plain, _ = _tokens("backend.warmup=false")
-    fused, backend = _tokens("backend.warmup=false", "backend.fuse_projections=true")
+    fused, setup = _tokens("backend.warmup=false", "backend.fuse_projections=true")
     assert fused == plain
-    attn = backend.model.layers[0].self_attn
+    attn = setup.backend.model.layers[0].self_attn
     assert attn.qkv is not None and attn.q_proj.weight.data_ptr() == attn.qkv.data_ptr()

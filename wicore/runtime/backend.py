@@ -83,6 +83,10 @@ class TorchBackend:
             self._swapper = KVSwapper(self.cache)
         return self._swapper
 
+    def reset_stats(self) -> None:
+        """Start the run's counters here (after a warm-up). This backend keeps none across steps besides the
+        KV swapper's, which a warm-up never uses; subclasses with counters reset theirs."""
+
     def _streams_layers(self) -> bool:
         from wicore.runtime.offload import StreamingTorchBackend  # offload imports this module
 

@@ -485,6 +485,11 @@ class StreamingTorchBackend(TorchBackend):
             result.ops.append(OpTiming("fetch", "nvme", result.start, result.end, st.disk_bytes - disk))
         return result
 
+    def reset_stats(self) -> None:
+        """The streamer's bytes, copies and copy time count from here (copies in flight are waited for)."""
+        self.streamer.synchronize()
+        self.streamer.reset_counters()
+
     def describe(self) -> dict[str, Any]:
         s = self.streamer.stats(sync=False)
         return {**super().describe(), "stream_host_format": s["host_format"], "stream_mode": s["mode"],

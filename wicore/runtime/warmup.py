@@ -15,9 +15,11 @@ the real backend here, through its public interface (``add_request`` /
 * decode steps at every batch size in ``decode_batches`` (the CUDA-graph
   buckets when graphs are on, else the largest batch), all rows one token deep.
 
-Afterwards every warm-up request is released (their KV slots are free again)
-and the sampling generator is re-seeded, so the run samples exactly what a run
-without warm-up samples.
+Afterwards every warm-up request is released (their KV slots are free again),
+the sampling generator is re-seeded, so the run samples exactly what a run
+without warm-up samples, and the backend's clock and run counters start over
+(``reset_stats``: the weight streamer's bytes and copy times count the run, not
+the warm-up).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from wicore.types import BatchItem, Phase, Request, StepPlan
 class WarmableBackend(Protocol):
     seed: int
     generator: Any
+    t0: float
 
     def add_request(self, req: Request) -> None: ...
+    def reset_stats(self) -> None: ...
     def execute(self, plan: StepPlan) -> Any: ...
     def release(self, request_id: int) -> None: ...
 
@@ -67,4 +71,7 @@ def warm_up(backend: WarmableBackend, prefill_tokens: int, decode_batches: Seque
         for rid in rids:
             backend.release(rid)
         backend.generator.manual_seed(backend.seed)
-    return {"prefill_tokens": prompt, "decode_batches": batches, "seconds": round(time.perf_counter() - t0, 4)}
+    backend.reset_stats()
+    seconds = time.perf_counter() - t0
+    backend.t0 = time.perf_counter()  # the run's clock starts now
+    return {"prefill_tokens": prompt, "decode_batches": batches, "seconds": round(seconds, 4)}
