@@ -53,20 +53,11 @@ from sim.cost_model import CostModel, StepCost
 from wicore.errors import ConfigError
 from wicore.hal import HardwareSpec
 from wicore.model.spec import ModelSpec
+from wicore.runtime.buckets import default_buckets
 from wicore.types import BatchItem, Phase
 
 COMPOSITE_OPS = ("prefill_forward", "decode_forward", "decode_forward_mass", "sample", "step_overhead",
                  "prefill_step", "decode_step", "decode_step_mass")
-
-
-def graph_buckets(max_rows: int) -> tuple[int, ...]:
-    """The CUDA-graph batch buckets of a run with ``max_rows`` sequences (as
-    ``wicore.runtime.graph_decode.default_buckets``): 1, 2, 4, ... below it, then ``max_rows``."""
-    out, b = [], 1
-    while b < max_rows:
-        out.append(b)
-        b *= 2
-    return (*out, max(1, max_rows))
 _CACHE_MAX = 8192
 
 
@@ -121,7 +112,7 @@ class CalibratedCostModel(CostModel):
         self.whole_prefill = table.has("prefill_step", name, dtype)
         # CUDA-graph decode: a batch of B rows runs (and costs) the bucket >= B
         self.cuda_graphs = bool(table.meta.get("cuda_graphs", False))
-        self.buckets = graph_buckets(max_num_seqs) if self.cuda_graphs and max_num_seqs else ()
+        self.buckets = default_buckets(max_num_seqs) if self.cuda_graphs and max_num_seqs else ()
         # without forward timings for this model the step is the plain (fused) roofline
         self.active = (table.has("prefill_forward", name, dtype) or table.has(self.decode_op, name, dtype)
                        or self.whole_decode or self.whole_prefill)

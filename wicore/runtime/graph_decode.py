@@ -56,20 +56,9 @@ from torch import Tensor
 from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.transformer import Transformer
+from wicore.runtime.buckets import default_buckets
 
 __all__ = ["GraphDecode", "default_buckets"]
-
-
-def default_buckets(max_rows: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, ... below ``max_rows``, then ``max_rows`` itself."""
-    if max_rows < 1:
-        raise ConfigError(f"GraphDecode: needs at least one real KV slot besides the scratch slot, got {max_rows}")
-    out, b = [], 1
-    while b < max_rows:
-        out.append(b)
-        b *= 2
-    out.append(max_rows)
-    return tuple(out)
 
 
 @dataclass
