@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from wicore.model.layers import Attention, GatedMLP
+from wicore.model.transformer import Transformer
 
 
 def _fuse(parts: list[nn.Parameter]) -> torch.Tensor | None:
@@ -36,26 +37,23 @@ def _fuse(parts: list[nn.Parameter]) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def fuse_projections(model: nn.Module, device: torch.device | str | None = None,
+def fuse_projections(model: Transformer, device: torch.device | str | None = None,
                      skip_layers: set[int] | frozenset[int] = frozenset()) -> int:
     """Fuse q/k/v and gate/up of every decoder layer of ``model`` whose weights are on ``device`` (None:
     the embedding's device) and whose index is not in ``skip_layers``; returns the number of fused groups."""
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = torch.device(device) if device is not None else model.embed_tokens.weight.device
     n = 0
-    for name, mod in model.named_modules():
-        index = _layer_index(name)
-        if index is not None and index in skip_layers:
+    for index, layer in enumerate(model.layers):
+        if index in skip_layers:
             continue
-        if isinstance(mod, Attention) and mod.qkv is None:
-            parts = [mod.q_proj.weight, mod.k_proj.weight, mod.v_proj.weight]
-            if parts[0].device == dev and (fused := _fuse(parts)) is not None:
-                mod.qkv = fused
-                n += 1
-        elif isinstance(mod, GatedMLP) and mod.gate_up is None:
-            parts = [mod.gate_proj.weight, mod.up_proj.weight]
-            if parts[0].device == dev and (fused := _fuse(parts)) is not None:
-                mod.gate_up = fused
-                n += 1
+        attn, mlp = layer.self_attn, layer.mlp
+        assert isinstance(attn, Attention) and isinstance(mlp, GatedMLP)
+        if attn.qkv is None and attn.q_proj.weight.device == dev:
+            attn.qkv = _fuse([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            n += attn.qkv is not None
+        if mlp.gate_up is None and mlp.gate_proj.weight.device == dev:
+            mlp.gate_up = _fuse([mlp.gate_proj.weight, mlp.up_proj.weight])
+            n += mlp.gate_up is not None
     return n
 
 
@@ -72,9 +70,3 @@ def unfuse_projections(model: nn.Module) -> None:
                     lin.weight.data = lin.weight.detach().clone()
                 mod.gate_up = None
 
-
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
-        return int(parts[1])
-    return None
