@@ -501,36 +501,33 @@ def section_nvme_scale(results: dict[str, Any], args: argparse.Namespace, device
     sc["config"] = {"spec": large.name, "budget_GiB": args.large_budget_gib, "prompt_len": args.prompt_len,
                     "tokens": args.tokens, "streamed_layers": len(streamed), "int4_bytes_est": est_bytes,
                     "disk_GBps_assumed_for_estimate": disk_bw}
-    free_disk = shutil.disk_usage(work).free
-    est = est_bytes / (1.0 * GB) + forwards * est_bytes / (disk_bw * GB) + 20
-    if free_disk < 1.1 * est_bytes + GIB:
-        sc["nvme_int4"] = {"skipped": f"{free_disk / GB:.1f} GB free in {work}, the store needs ~{est_bytes / GB:.1f} GB"}
-    elif H.elapsed() + est > args.max_s:
-        sc["nvme_int4"] = {"skipped": f"estimated {est:.0f} s would end past --max-s={args.max_s:g}"}
-    else:
-        with H.section(sc, "nvme_int4") as out:
-            run_large(out, large, args.large_budget_gib, "nvme", device, prompt, args.tokens, args.seed,
+    def run_tier(key: str, tier: str, est: float, why_not: str | None) -> None:
+        """``run_large`` on ``tier`` into ``sc[key]``, unless ``why_not`` or the time estimate ``est`` skip it."""
+        if why_not is None and H.elapsed() + est > args.max_s:
+            why_not = f"estimated {est:.0f} s would end past --max-s={args.max_s:g}"
+        if why_not is not None:
+            sc[key] = {"skipped": why_not}
+            log(f"nvme_scale {key}: {why_not}")
+            return
+        with H.section(sc, key) as out:
+            run_large(out, large, args.large_budget_gib, tier, device, prompt, args.tokens, args.seed,
                       work / "nvme_scale")
         free(device)
-    if "skipped" in sc["nvme_int4"]:
-        log(f"nvme_scale nvme_int4: {sc['nvme_int4']['skipped']}")
+
+    free_disk = shutil.disk_usage(work).free
+    run_tier("nvme_int4", "nvme", est_bytes / (1.0 * GB) + forwards * est_bytes / (disk_bw * GB) + 20,
+             f"{free_disk / GB:.1f} GB free in {work}, the store needs ~{est_bytes / GB:.1f} GB"
+             if free_disk < 1.1 * est_bytes + GIB else None)
     avail = host_available_bytes()
     setup_prev = lookup(results, "nvme_scale.nvme_int4.setup_s")
     est = (float(setup_prev) if isinstance(setup_prev, float) else est_bytes / GB) + forwards * est_bytes / (20 * GB) + 10
+    host_why: str | None = None
     if args.skip_host_scale:
-        sc["host_int4"] = {"skipped": "--skip-host-scale"}
+        host_why = "--skip-host-scale"
     elif avail is not None and avail < 1.5 * est_bytes + 8 * GIB:
-        sc["host_int4"] = {"skipped": f"host memory: {avail / GB:.1f} GB available, pinned int4 blocks need "
-                                      f"~{est_bytes / GB:.1f} GB (+ margin)"}
-    elif H.elapsed() + est > args.max_s:
-        sc["host_int4"] = {"skipped": f"estimated {est:.0f} s would end past --max-s={args.max_s:g}"}
-    else:
-        with H.section(sc, "host_int4") as out:
-            run_large(out, large, args.large_budget_gib, "host", device, prompt, args.tokens, args.seed,
-                      work / "nvme_scale")
-        free(device)
-    if "skipped" in sc["host_int4"]:
-        log(f"nvme_scale host_int4: {sc['host_int4']['skipped']}")
+        host_why = (f"host memory: {avail / GB:.1f} GB available, pinned int4 blocks need ~{est_bytes / GB:.1f} GB "
+                    "(+ margin)")
+    run_tier("host_int4", "host", est, host_why)
     a, b = sc.get("nvme_int4", {}), sc.get("host_int4", {})
     if a.get("decode_tok_s") and b.get("decode_tok_s"):
         sc["host_over_nvme_decode"] = b["decode_tok_s"] / a["decode_tok_s"]
