@@ -45,7 +45,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -171,8 +171,6 @@ def _stream(model: Transformer, spec: ModelSpec, device: torch.device, budget_gi
             notes: dict[str, Any]) -> tuple[Any, list[int]]:
     """Stream the layers the static placement (default memory config) leaves off a GPU of ``budget_gib``
     from host memory, as ``backend.gpu_budget_gib`` does on the real runtime."""
-    from dataclasses import replace
-
     from wicore.memory.placement import MemoryConfig, StaticPlacement
     from wicore.runtime.offload import offload_model
 
@@ -507,8 +505,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
 def grid_with(grid: ProfileGrid, items: list[str]) -> ProfileGrid:
     """``grid`` with ``FIELD=VALUES`` overrides: integer fields take one integer, tuple-of-int fields a comma
     list, ``prefill_context_points`` / ``check_points`` pairs ``a:b`` (comma separated, empty for none)."""
-    from dataclasses import fields, replace
-
     kinds = {f.name: f.type for f in fields(ProfileGrid)}
     changes: dict[str, Any] = {}
     for item in items:
@@ -551,8 +547,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     grid = ProfileGrid.quick() if args.quick else ProfileGrid()
     if args.no_primitives:
-        from dataclasses import replace
-
         grid = replace(grid, primitives=False)
     try:
         grid = grid_with(grid, args.grid)
