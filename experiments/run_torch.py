@@ -117,12 +117,12 @@ def kv_page_budget(cfg: DictConfig, slots: int, max_len: int, page_tokens: int, 
     return pages
 
 
-def cuda_graphs_enabled(value: Any, device: Any) -> bool:
-    """``backend.cuda_graphs``: true (graphs on CUDA, the same padded path eagerly elsewhere), false, or
-    auto (on for CUDA devices only). Routing and weight streaming always decode eagerly."""
+def cuda_graphs_enabled(value: Any, device: Any, key: str = "backend.cuda_graphs") -> bool:
+    """``backend.cuda_graphs`` / ``backend.prefill_graphs``: true (graphs on CUDA, the same padded path eagerly
+    elsewhere), false, or auto (on for CUDA devices only). Routing and weight streaming always run eagerly."""
     text = str(value).lower()
     if text not in ("true", "false", "auto"):
-        raise ConfigError(f"backend.cuda_graphs: '{value}' is not one of true, false, auto")
+        raise ConfigError(f"{key}: '{value}' is not one of true, false, auto")
     return text == "true" or (text == "auto" and device.type == "cuda")
 
 
@@ -139,6 +139,7 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     bc = cfg.backend
     device = resolve_device(str(bc.device), "backend.device", "backend.device=cpu")
     want_graphs = cuda_graphs_enabled(bc.get("cuda_graphs", False), device)
+    want_prefill_graphs = cuda_graphs_enabled(bc.get("prefill_graphs", False), device, "backend.prefill_graphs")
     hw = probe(measure=False)
     budget = bc.get("gpu_budget_gib")
     if budget is not None:  # emulate a smaller GPU (e.g. a 16 GB T10 on an 80 GB card)
@@ -224,7 +225,8 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
                           "mor": _mor_runtime(cfg, router, model, cache) if router is not None else None,
                           "page_tokens": mem.page_tokens}
     if streamer is None:
-        backend = TorchBackend(model, cache, t0, cuda_graphs=graphs, **kw)
+        backend = TorchBackend(model, cache, t0, cuda_graphs=graphs,
+                               prefill_graphs=want_prefill_graphs and router is None, **kw)
     else:
         from wicore.runtime.offload import StreamingTorchBackend
 
@@ -243,7 +245,11 @@ def _warm_up(cfg: DictConfig, backend: Any, workload: Any, max_len: int) -> dict
     rows = int(cfg.scheduler.max_num_seqs)
     batches = list(backend.graph.buckets) if getattr(backend, "graph", None) is not None else [rows]
     longest = min(int(workload.prompts.max()), int(cfg.scheduler.max_batched_tokens))
-    return warm_up(backend, min(longest, max_len - len(batches) - 1), batches)
+    prefill = getattr(backend, "prefill_graph", None)
+    # prefill graphs: every bucket a chunk of the run can pad to (chunks are at most `longest` tokens)
+    top = prefill.bucket(longest) if prefill is not None else None
+    sizes = [b for b in prefill.buckets if b <= (top or longest)] if prefill is not None else []
+    return warm_up(backend, min(longest, max_len - len(batches) - 1), batches, sizes)
 
 
 def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False,

@@ -30,6 +30,11 @@ while its KV is on the device.
 ``wicore.runtime.graph_decode.GraphDecode`` (CUDA graphs per batch-size bucket on a
 GPU, the same padded path eagerly elsewhere); the cache's last slot is its scratch
 slot and is never given to a request. Not used with MoR routing or streaming.
+
+``prefill_graphs=True``: each prefill chunk runs through
+``wicore.runtime.graph_prefill.GraphPrefill`` (right-padded to a length bucket, one CUDA
+graph per bucket); a chunk whose padded end would pass the slot's ``max_len`` runs
+eagerly. Not used with MoR routing or streaming either.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from wicore.model.kv_cache import KVCache
 from wicore.model.sampling import sample
 from wicore.model.transformer import ModelOutput, Transformer
 from wicore.runtime.graph_decode import GraphDecode
+from wicore.runtime.graph_prefill import GraphPrefill
 from wicore.runtime.kv_swap import KVSwapper, SwapStep, swap_names
 from wicore.runtime.mor import MoRRuntime
 from wicore.runtime.signals import measure, to_dicts
@@ -53,7 +59,7 @@ from wicore.types import BlockRef, OpTiming, Phase, Request, StepPlan, StepResul
 class TorchBackend:
     def __init__(self, model: Transformer, cache: KVCache, clock_start: float, seed: int = 0,
                  measure_attention: bool = False, page_tokens: int = 16, mor: MoRRuntime | None = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, prefill_graphs: bool = False) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.device
@@ -69,8 +75,13 @@ class TorchBackend:
         real = cache.max_slots - 1 if cuda_graphs else cache.max_slots
         self.free_slots = list(range(real - 1, -1, -1))
         self.graph: GraphDecode | None = None
-        if cuda_graphs and mor is None and not self._streams_layers():
-            self.graph = GraphDecode(model, cache, None, measure_attention, page_tokens, scratch_slot=real)
+        self.prefill_graph: GraphPrefill | None = None
+        graphable = mor is None and not self._streams_layers()
+        pool = torch.cuda.graph_pool_handle() if graphable and self.device.type == "cuda" else None
+        if cuda_graphs and graphable:
+            self.graph = GraphDecode(model, cache, None, measure_attention, page_tokens, scratch_slot=real, pool=pool)
+        if prefill_graphs and graphable:
+            self.prefill_graph = GraphPrefill(model, cache, pool=pool)
         self.requests: dict[int, Request] = {}
         self.tokens: dict[int, list[int]] = {}  # prompt (+ generated) ids per request
         self.mor = mor  # MoR routing: routed decode rows + routing signals of every emitted token
@@ -204,6 +215,14 @@ class TorchBackend:
             slot = self._slot(it.request_id)
             self.kv_len[it.request_id] = it.context_len + it.num_tokens
             ids = self.tokens[it.request_id][it.context_len: it.context_len + it.num_tokens]
+            gp = self.prefill_graph
+            if gp is not None and gp.fits(it.num_tokens, it.context_len):
+                if it.emits_token:  # the graph's output is static: the next chunk of this bucket overwrites it
+                    last_logits.append(gp.run(ids, it.context_len, slot).clone())
+                    emit_ids.append(it.request_id)
+                else:
+                    gp.run(ids, it.context_len, slot)
+                continue
             x = torch.tensor([ids], device=dev)
             pos = torch.arange(it.context_len, it.context_len + it.num_tokens, device=dev)[None, :]
             out = self.model(x, pos, self.cache, torch.tensor([slot], device=dev), last_only=True,
@@ -314,6 +333,7 @@ class TorchBackend:
         info: dict[str, Any] = {"device": str(self.device), "kv_slots": self.cache.max_slots - int(self.cuda_graphs),
                                 "kv_len": self.cache.max_len, "kv_cache_bytes": self.cache.nbytes}
         info.update(self.graph.describe() if self.graph is not None else {"cuda_graphs": "off"})
+        info.update(self.prefill_graph.describe() if self.prefill_graph is not None else {"prefill_graphs": "off"})
         if self._swapper is not None:
             info.update(self._swapper.stats())
         return info

@@ -75,7 +75,7 @@ class GraphDecode:
 
     def __init__(self, model: Transformer, cache: KVCache, buckets: Sequence[int] | None = None,
                  measure_attention: bool = False, page_size: int = 16, *, scratch_slot: int | None = None,
-                 use_graph: bool = True, warmup: int = 2) -> None:
+                 use_graph: bool = True, warmup: int = 2, pool: Any = None) -> None:
         device = model.embed_tokens.weight.device
         if device.type != cache.device.type:
             raise ConfigError(f"GraphDecode: model is on {device} but the KV cache is on {cache.device}")
@@ -95,7 +95,7 @@ class GraphDecode:
         self.mode = "graph" if self.device.type == "cuda" and use_graph else "eager"
         self.warmup = max(1, warmup)
         self._buckets: dict[int, _Bucket] = {}
-        self._pool: Any = None  # the graphs' shared memory pool handle
+        self._pool: Any = pool  # the graphs' shared memory pool handle (None: made on the first capture)
         self.captures = 0  # graphs captured so far
         self.capture_s = 0.0  # wall time spent warming up and capturing
         self.calls = 0
