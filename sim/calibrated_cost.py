@@ -34,7 +34,12 @@ only. When the table was measured with CUDA-graph decode (its meta says
 ``cuda_graphs: true``, as for runs with ``backend.cuda_graphs=true``) a decode
 of B rows runs the graph of the smallest bucket >= B (1, 2, 4, ... then the
 run's ``scheduler.max_num_seqs``), so the decode ops are looked up at that
-bucket size.
+bucket size. Likewise a table measured with CUDA-graph prefill (its meta lists
+``prefill_graph_buckets``, as for runs with ``backend.prefill_graphs=true``)
+costs a prefill chunk of T tokens at context C as ``prefill_step`` at the
+smallest length bucket >= T, the length the runtime pads it to, unless the
+padded chunk would pass the table's ``max_len`` (the runtime then runs it
+eagerly, and it is looked up at T).
 
 A subclass rather than a flag on ``CostModel``: without a table the simulator
 keeps the plain class, so roofline runs stay bit-identical and the hot path of
@@ -53,7 +58,7 @@ from sim.cost_model import CostModel, StepCost
 from wicore.errors import ConfigError
 from wicore.hal import HardwareSpec
 from wicore.model.spec import ModelSpec
-from wicore.runtime.buckets import default_buckets
+from wicore.runtime.buckets import bucket_of, default_buckets
 from wicore.types import BatchItem, Phase
 
 COMPOSITE_OPS = ("prefill_forward", "decode_forward", "decode_forward_mass", "sample", "step_overhead",
@@ -111,8 +116,12 @@ class CalibratedCostModel(CostModel):
         self.whole_decode = table.has(self.step_op, name, dtype)
         self.whole_prefill = table.has("prefill_step", name, dtype)
         # CUDA-graph decode: a batch of B rows runs (and costs) the bucket >= B
-        self.cuda_graphs = bool(table.meta.get("cuda_graphs", False))
+        meta = table.meta_for(name, dtype)  # a merged table keeps each model's run shape
+        self.cuda_graphs = bool(meta.get("cuda_graphs", False))
         self.buckets = default_buckets(max_num_seqs) if self.cuda_graphs and max_num_seqs else ()
+        # CUDA-graph prefill: a chunk runs (and costs) its length bucket while the padded chunk fits max_len
+        self.prefill_buckets = tuple(int(b) for b in meta.get("prefill_graph_buckets") or ())
+        self.max_len = int(meta.get("max_len") or 0)
         # without forward timings for this model the step is the plain (fused) roofline
         self.active = (table.has("prefill_forward", name, dtype) or table.has(self.decode_op, name, dtype)
                        or self.whole_decode or self.whole_prefill)
@@ -163,7 +172,7 @@ class CalibratedCostModel(CostModel):
             if it.phase is not Phase.PREFILL:
                 decode.append(it)
             elif self.whole_prefill:
-                m = self._lookup("prefill_step", tokens=it.num_tokens, context=it.context_len)
+                m = self._lookup("prefill_step", tokens=self._prefill_tokens(it), context=it.context_len)
                 out.append(self._forward([it], self._less_sample(m, 1)))
             else:
                 m = self._lookup("prefill_forward", tokens=it.num_tokens, context=it.context_len)
@@ -190,6 +199,13 @@ class CalibratedCostModel(CostModel):
             if b >= rows:
                 return b
         return rows
+
+    def _prefill_tokens(self, it: BatchItem) -> int:
+        """The length a prefill chunk runs at (its CUDA-graph bucket when it fits; its own without graphs)."""
+        b = bucket_of(it.num_tokens, self.prefill_buckets) if self.prefill_buckets else None
+        if b is None or (self.max_len and it.context_len + b > self.max_len):
+            return it.num_tokens
+        return b
 
     def _less_sample(self, whole: float | None, rows: int) -> float | None:
         """A whole step's time without its sampling of ``rows`` rows (added back once for the whole step)."""
@@ -224,6 +240,7 @@ class CalibratedCostModel(CostModel):
         return {"calibrated": True, "table": self.table.describe(), "model": name, "dtype": dtype,
                 "measure_attention": self.measure_attention, "steps": self.steps, "ops": ops,
                 "whole_steps": used, "cuda_graphs": self.cuda_graphs, "graph_buckets": list(self.buckets),
+                "prefill_graph_buckets": list(self.prefill_buckets),
                 "links": self.links}
 
 

@@ -306,10 +306,52 @@ class CalibrationTable:
         seconds, _ = self.lookup(op, nbytes=n)
         return n / seconds / 1e9 if seconds > 0 else math.nan
 
+    def meta_for(self, model: str, dtype: str) -> dict[str, Any]:
+        """The meta, with the ``RUN_SHAPE_KEYS`` of the input table that held ``model`` in ``dtype`` when this
+        table was merged from several (``merge_tables``)."""
+        for entry in self.meta.get("merged_from") or ():
+            if [model, dtype] in entry.get("models", ()):
+                return {**self.meta, **{k: entry.get(k) for k in RUN_SHAPE_KEYS}}
+        return self.meta
+
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path) if self.path else None, "rows": len(self.rows),
                 "device_name": self.meta.get("device_name") or sorted({r["device_name"] for r in self.rows}),
                 "measured_at": self.meta.get("measured_at"), "torch_version": self.meta.get("torch_version")}
+
+
+# meta keys that say how a model's rows were measured (and so how the simulator reads them): a merged table
+# keeps them per input in ``merged_from``, and ``CalibrationTable.meta_for`` returns a model's own
+RUN_SHAPE_KEYS = ("cuda_graphs", "prefill_graph_buckets", "max_len", "page_tokens", "gpu_budget_gib")
+
+
+def merge_tables(inputs: Sequence[str | Path], out: str | Path) -> Path:
+    """One table from several (e.g. one profile per model and dtype): rows concatenated; the meta of the first
+    input, with ``merged_from`` listing every input and its ``RUN_SHAPE_KEYS``, and each of those keys at the
+    top level only where every input agrees. Refused when two inputs have rows of one (op, model, dtype) at one
+    point, or when one (model, dtype) comes from two inputs measured differently."""
+    if not inputs:
+        raise ConfigError("merge tables: give at least one input table")
+    tables = [CalibrationTable.load(p) for p in inputs]
+    rows = [r for t in tables for r in t.rows]
+    CalibrationTable(rows)  # validates: two rows at one point of one op, model and dtype are refused
+    meta = dict(tables[0].meta)
+    entries = []
+    shape_of: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for t in tables:
+        shape = {k: t.meta.get(k) for k in RUN_SHAPE_KEYS}
+        for model in t.models():
+            seen = shape_of.setdefault(model, tuple(shape.values()))
+            if seen != tuple(shape.values()):
+                raise ConfigError(f"merge tables: {model[0]} {model[1]} comes from two tables measured differently "
+                                  f"({dict(zip(RUN_SHAPE_KEYS, seen))} vs {shape}); merge only one of them")
+        entries.append({"path": str(t.path), "models": [list(m) for m in t.models()],
+                        "measured_at": t.meta.get("measured_at"), "rows": len(t.rows), **shape})
+    for key in RUN_SHAPE_KEYS:
+        if len({json.dumps(e[key]) for e in entries}) > 1:
+            meta.pop(key, None)  # per model: see merged_from
+    meta["merged_from"] = entries
+    return CalibrationTable.write(out, rows, meta)
 
 
 def meta_path_for(table: Path) -> Path:

@@ -171,7 +171,8 @@ def test_sim_reproduces_chunked_prefill_points_with_context():
         assert _close(last, _value("prefill_forward", tokens=t, context=c) + _value("sample", batch=1)), (t, c)
 
 
-def _whole_step_table(tmp_path: Path, graphs: bool) -> tuple[Path, dict[tuple[str, int, int], float]]:
+def _whole_step_table(tmp_path: Path, graphs: bool,
+                      prefill_graphs: bool = False) -> tuple[Path, dict[tuple[str, int, int], float]]:
     """The committed table plus whole-step rows (made-up seconds, distinct from any composition)."""
     rows: list[dict[str, object]] = [dict(r) for r in CalibrationTable.load(TABLE).rows]
     extra: dict[tuple[str, int, int], float] = {}
@@ -187,6 +188,8 @@ def _whole_step_table(tmp_path: Path, graphs: bool) -> tuple[Path, dict[tuple[st
         rows.append({**base, "op": op, **coords, "context": c, "seconds": v, "p10_s": v, "p90_s": v})
     meta = json.loads((TABLE.parent / (TABLE.name + ".meta.json")).read_text())
     meta["cuda_graphs"] = graphs
+    if prefill_graphs:  # the runtime's length buckets up to the table's max_len (512)
+        meta["prefill_graph_buckets"] = [16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
     return CalibrationTable.write(tmp_path / "whole.csv", rows, meta), extra
 
 
@@ -218,6 +221,34 @@ def test_whole_step_rows_replace_the_composition(tmp_path, graphs):
         src = setup.cost.sources()  # type: ignore[attr-defined]
         assert src["whole_steps"] == ["prefill_step", "decode_step"] and src["cuda_graphs"] is graphs
         assert src["ops"]["decode_step"]["source"] == "measured"
+
+
+def test_prefill_graph_tables_cost_a_chunk_at_its_length_bucket(tmp_path):
+    """With prefill_graph_buckets in the meta a one-chunk step costs prefill_step at the bucket it pads to (exact at the
+    measured bucket), unless the padded chunk would pass max_len (then at its own length, as run eagerly);
+    without them the length is interpolated between the measured points."""
+    from wicore.types import BatchItem, Phase
+
+    graphed, extra = _whole_step_table(tmp_path / "g", True, prefill_graphs=True)
+    plain, _ = _whole_step_table(tmp_path / "p", True)
+    cfg = [*BASE[:-1], "backend.measure_attention=false", *SMALL]
+    g_cost = build_sim(make_cfg(*cfg, f"backend.calibration={graphed}")).cost
+    p_cost = build_sim(make_cfg(*cfg, f"backend.calibration={plain}")).cost
+
+    def cost(model, tokens: int, context: int = 0) -> float:
+        return model.step([BatchItem(0, Phase.PREFILL, tokens, context, True)]).compute_s
+
+    for t, bucket in ((20, 32), (16, 16), (33, 64), (100, 128)):
+        # 33 pads to 48, which the table lacks: halfway between its 32 and 64 rows
+        want = (extra[("prefill_step", 32, 0)] + extra[("prefill_step", 64, 0)]) / 2 if t == 33 else \
+            extra[("prefill_step", bucket, 0)]
+        assert _close(cost(g_cost, t), want), (t, cost(g_cost, t), want)
+    lo, hi = extra[("prefill_step", 16, 0)], extra[("prefill_step", 32, 0)]
+    assert _close(cost(p_cost, 20), lo + (hi - lo) * 4 / 16)  # no buckets: interpolated at 20 tokens
+    # 30 tokens at context 490 would pad to 32 and end at 522 > max_len 512: costed at 30 tokens
+    assert _close(cost(g_cost, 30, 490), cost(p_cost, 30, 490))
+    assert g_cost.sources()["prefill_graph_buckets"][:3] == [16, 32, 48]
+    assert p_cost.sources()["prefill_graph_buckets"] == []
 
 
 def test_absent_model_falls_back_to_the_roofline_and_says_so():
@@ -320,6 +351,27 @@ def test_profiler_quick_on_cpu_writes_a_valid_table(tmp_path, torch_one_thread):
     assert t.meta["notes"]["execute_check"] and t.meta["profile_s"] < 20
 
 
+def test_profiler_with_prefill_graphs_measures_every_length_bucket(tmp_path, torch_one_thread):
+    """--prefill-graphs: prefill_step runs through the backend's prefill graphs at every length bucket that fits
+    the slot (the context points as well), and the meta lists the buckets the simulator then pads to."""
+    from dataclasses import replace
+
+    from wicore.runtime.buckets import prefill_buckets
+    from wicore.runtime.profiler import ProfileGrid, profile
+
+    grid = replace(ProfileGrid.quick(), primitives=False, decode_batches=(1,), decode_contexts=(16,),
+                   prefill_tokens=(16,), prefill_context_points=((16, 64),), overhead_batches=(1,), reps=2,
+                   check_points=())
+    out = profile("tiny-gemma3", "cpu", tmp_path / "p.csv", grid, max_len=128, prefill_graphs=True,
+                  cuda_graphs=True, log=lambda m: None)
+    t = CalibrationTable.load(out)
+    assert t.meta["prefill_graph_buckets"] == list(prefill_buckets(128)) == [16, 32, 48, 64, 96, 128]
+    steps = {(r["tokens"], r["context"]) for r in t.rows if r["op"] == "prefill_step"}
+    assert steps == {(16, 0), (32, 0), (48, 0), (64, 0), (96, 0), (16, 64)}  # 128 + the timed tokens > max_len
+    with pytest.raises(ConfigError, match="--prefill-graphs"):
+        profile("tiny-gemma3", "cpu", tmp_path / "x.csv", grid, gpu_budget_gib=1.0, prefill_graphs=True)
+
+
 def test_interleaved_timing_spreads_rounds_and_warms_up_once():
     from wicore.runtime.timing import interleaved
 
@@ -372,3 +424,29 @@ def test_profile_grid_overrides_from_the_command_line(capsys):
     assert main(["profile", "--model", "tiny-gemma3", "--device", "cpu", "--out", "/tmp/x.csv",
                  "--grid", "decode_batch=1"]) == 2
     assert "must be FIELD=VALUES" in capsys.readouterr().err
+
+
+def test_merge_tables_keeps_each_models_run_shape(tmp_path):
+    """merge-tables: rows concatenated; the run-shape meta a model was measured with (graphs, max_len, ...) stays
+    that model's (meta_for), at the top level only where the inputs agree; clashes are refused."""
+    from sim.calibration import merge_tables
+    from wicore.cli import main
+
+    a = _write(tmp_path / "a.csv", [{"op": "decode_forward", "model": "m", "batch": 1, "seconds": 0.01}])
+    b = _write(tmp_path / "b.csv", [{"op": "decode_forward", "model": "n", "batch": 1, "seconds": 0.02}])
+    for path, meta in ((a, {"max_len": 2048, "cuda_graphs": True, "prefill_graph_buckets": [16, 32]}),
+                       (b, {"max_len": 512, "cuda_graphs": True})):
+        (tmp_path / (path.name + ".meta.json")).write_text(json.dumps(meta))
+    assert main(["merge-tables", str(tmp_path / "ab.csv"), str(a), str(b)]) == 0
+    t = CalibrationTable.load(tmp_path / "ab.csv")
+    assert len(t.rows) == 2 and t.models() == [("m", "bf16"), ("n", "bf16")]
+    assert t.meta["cuda_graphs"] is True and "max_len" not in t.meta and len(t.meta["merged_from"]) == 2
+    assert t.meta_for("m", "bf16")["max_len"] == 2048 and t.meta_for("m", "bf16")["prefill_graph_buckets"] == [16, 32]
+    assert t.meta_for("n", "bf16")["max_len"] == 512 and t.meta_for("n", "bf16")["prefill_graph_buckets"] is None
+    with pytest.raises(ConfigError, match="two rows"):
+        merge_tables([a, a], tmp_path / "x.csv")
+    c = _write(tmp_path / "c.csv", [{"op": "sample", "model": "m", "batch": 1, "seconds": 0.001}])
+    (tmp_path / "c.csv.meta.json").write_text(json.dumps({"max_len": 1024}))
+    with pytest.raises(ConfigError, match="measured differently"):
+        merge_tables([a, c], tmp_path / "x.csv")
+    assert main(["merge-tables", str(tmp_path / "x.csv"), str(a), str(c)]) == 2

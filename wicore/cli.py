@@ -5,6 +5,7 @@
     wicore verify DIR [--sha256]              check a checkpoint directory
     wicore probe [--measure]                  describe this machine's devices
     wicore profile --model M --out T.csv [--device cuda] [--quick]   measure op costs: calibration table
+    wicore merge-tables OUT.csv IN.csv ...    one calibration table from several (one per model and dtype)
     wicore report RUN_DIR                     (re)write a run's report.md and plots
     wicore sweep-summary SWEEP_DIR            (re)write a sweep's summary
     wicore validate --out DIR [options]       sim-vs-real validation grid + fidelity report
@@ -32,6 +33,23 @@ def _probe(argv: list[str]) -> int:
 def _profile(argv: list[str]) -> int:
     from wicore.runtime.profiler import main as profile_main
     return profile_main(argv)
+
+
+def _merge_tables(argv: list[str]) -> int:
+    import argparse
+
+    from sim.calibration import merge_tables
+    from wicore.errors import ConfigError
+    ap = argparse.ArgumentParser(prog="wicore merge-tables", description="concatenate calibration tables")
+    ap.add_argument("out", help="table to write (+ .meta.json)")
+    ap.add_argument("inputs", nargs="+", help="tables to merge (their run-shape meta must agree)")
+    args = ap.parse_args(argv)
+    try:
+        print(merge_tables(args.inputs, args.out))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _report(argv: list[str]) -> int:
@@ -76,7 +94,7 @@ def _serve(argv: list[str]) -> int:
     return serve_main(argv)
 
 
-COMMANDS = {"run": _run, "checkpoint": _checkpoint, "verify": _verify, "probe": _probe, "profile": _profile,
+COMMANDS = {"run": _run, "checkpoint": _checkpoint, "verify": _verify, "probe": _probe, "profile": _profile, "merge-tables": _merge_tables,
             "report": _report, "sweep-summary": _sweep, "serve": _serve,
             "validate": _validate}
 

@@ -20,7 +20,11 @@ the same input construction, in the model dtype, under ``inference_mode``):
   the forward, sampling, the host sync and the host work inside ``execute``.
   With ``cuda_graphs`` the backend decodes through its CUDA graphs, as a run
   with ``backend.cuda_graphs=true`` does (``decode_forward`` is then the graph
-  replay). The simulator prefers these to the composed forward + sample;
+  replay). With ``prefill_graphs`` prefill steps run through the backend's
+  prefill graphs (``GraphPrefill``), as with ``backend.prefill_graphs=true``,
+  and the context-0 ``prefill_step`` points are the graph length buckets (so
+  every chunk length a run pads to is a measured point). The simulator prefers
+  these to the composed forward + sample;
 * ``step_overhead`` (batch running): host time between the end one step reports
   and the start of the next, on the real driver, engine and backend;
   ``engine_overhead``: the engine and driver alone, with a no-op backend
@@ -61,6 +65,7 @@ from wicore.model.kv_cache import KVCache
 from wicore.model.spec import ModelSpec
 from wicore.model.transformer import Transformer, build_model, to_torch_dtype
 from wicore.runtime.backend import TorchBackend
+from wicore.runtime.buckets import prefill_buckets
 from wicore.runtime.graph_decode import GraphDecode
 from wicore.runtime.profile_overhead import measure_step_gaps, measure_step_overhead
 from wicore.runtime.profile_primitives import (
@@ -123,6 +128,7 @@ class _Run:
     grid: ProfileGrid
     log: Log
     cuda_graphs: bool = False
+    prefill_graphs: bool = False
     streamer: Any = None  # a LayerStreamer when profiling under a GPU budget (streamed layers)
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -267,7 +273,7 @@ def _backend(run: _Run, batch: int, prompt: int, page_tokens: int, measure: bool
                                    measure_attention=measure, page_tokens=page_tokens)
     else:
         be = TorchBackend(run.model, run.cache, time.perf_counter(), seed=0, measure_attention=measure,
-                          page_tokens=page_tokens, cuda_graphs=graphs)
+                          page_tokens=page_tokens, cuda_graphs=graphs, prefill_graphs=run.prefill_graphs)
     for rid in range(batch):
         ids = torch.randint(0, run.spec.vocab_size, (prompt,), generator=torch.Generator().manual_seed(rid))
         be.add_request(Request(rid, 0.0, prompt, 1 << 30, prompt_ids=ids.tolist()))
@@ -352,10 +358,23 @@ def profile_steps(run: _Run, batches: list[int], contexts: list[int], prefill: l
             run.add(op, ts, batch=b, context=c)
         for rid in range(max(batches)):
             be.release(rid)
-    run.log(f"prefill_step: (tokens, context) {prefill}")
+    run.log(f"prefill_step{' (CUDA graphs)' if run.prefill_graphs else ''}: (tokens, context) {prefill}")
     be = _backend(run, 1, max(t + c for t, c in prefill) + depth, page_tokens, False, run.cuda_graphs)
     plans = {(t, c): StepPlan(1, 0, 0.0, [BatchItem(0, Phase.PREFILL, t, c, True)]) for t, c in prefill}
-    for (t, c), ts in interleaved(prefill, _step_timer(be, plans), g.reps, g.warmup, g.rounds).items():
+    req = be.requests[0]
+
+    def timer(p: Any, n: int, warmup: int) -> list[float]:
+        out = []
+        for i in range(warmup + n):
+            if p[1] == 0:  # a new request, as in a run (not a restart, which zeroes its slot first)
+                be.release(0)
+                be.add_request(req)
+            r = be.execute(plans[p])
+            if i >= warmup:
+                out.append(r.end - r.start)
+        return out
+
+    for (t, c), ts in interleaved(prefill, timer, g.reps, g.warmup, g.rounds).items():
         run.add("prefill_step", ts, batch=1, tokens=t, context=c)
     be.release(0)
 
@@ -383,7 +402,10 @@ def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
                                   g.rounds).items():
         run.add("prefill_forward", ts, batch=1, tokens=t, context=c)
     if g.steps:
-        ok = [(t, c) for t, c in points if t + c + g.reps + g.warmup + 2 <= max_len]
+        steps_at = points
+        if run.prefill_graphs:  # every length bucket a chunk pads to (the forwards above keep the grid's)
+            steps_at = [(t, 0) for t in prefill_buckets(max_len)] + [p for p in points if p[1] > 0]
+        ok = [(t, c) for t, c in steps_at if t + c + g.reps + g.warmup + 2 <= max_len]
         profile_steps(run, batches, [c for c in contexts if c + g.reps + g.warmup + 2 <= max_len], ok,
                       page_tokens)
     run.log(f"sample: batch {batches}")
@@ -404,7 +426,7 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
             grid: ProfileGrid | None = None, quick: bool = False, *, dtype: str | None = None,
             name: str | None = None, max_len: int = 2048, page_tokens: int = 16, seed: int = 0,
             threads: int | None = None, disk_dir: str | Path | None = None, log: Log | None = None,
-            cuda_graphs: bool = False, gpu_budget_gib: float | None = None) -> Path:
+            cuda_graphs: bool = False, gpu_budget_gib: float | None = None, prefill_graphs: bool = False) -> Path:
     """Measure the runtime's ops for a model on ``device`` and write ``out_csv`` + ``<out_csv>.meta.json``.
 
     ``grid``: the points (default: ``ProfileGrid()``, or ``ProfileGrid.quick()`` with ``quick``);
@@ -416,7 +438,8 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
     decode ops and whole steps; on a CPU device the same padded path runs eagerly); ``gpu_budget_gib``: the
     GPU budget of the runs to mirror (``backend.gpu_budget_gib``): the layers the static placement streams
     under it are streamed from host memory, as the runtime does, so forwards and whole steps include the
-    streaming (its copies and its host cost)."""
+    streaming (its copies and its host cost); ``prefill_graphs``: prefill steps through the prefill graphs
+    as runs with ``backend.prefill_graphs=true`` do."""
     t_start = time.perf_counter()
     dev = resolve_device(device) if isinstance(device, str) else device
     threads_before = torch.get_num_threads()
@@ -426,7 +449,7 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
         torch.set_num_threads(threads)
     try:
         return _profile(spec_or_checkpoint, dev, out_csv, grid, quick, dtype, name, max_len, page_tokens, seed,
-                        disk_dir, log, t_start, cuda_graphs, gpu_budget_gib)
+                        disk_dir, log, t_start, cuda_graphs, gpu_budget_gib, prefill_graphs)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -434,14 +457,14 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
 def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_csv: str | Path,
              grid: ProfileGrid | None, quick: bool, dtype: str | None, name: str | None, max_len: int,
              page_tokens: int, seed: int, disk_dir: str | Path | None, log: Log | None, t_start: float,
-             cuda_graphs: bool = False, gpu_budget_gib: float | None = None) -> Path:
+             cuda_graphs: bool = False, gpu_budget_gib: float | None = None, prefill_graphs: bool = False) -> Path:
     say: Log = log or (lambda msg: print(f"[profile] {msg}", file=sys.stderr))
     g = grid or (ProfileGrid.quick() if quick else ProfileGrid())
     if g.reps < 1 or g.warmup < 0:
         raise ConfigError(f"profile grid: reps must be >= 1 and warmup >= 0, got {g.reps}, {g.warmup}")
-    if gpu_budget_gib is not None and cuda_graphs:
-        raise ConfigError("profile: --cuda-graphs with --gpu-budget-gib: the runtime decodes a model with streamed "
-                          "layers eagerly; drop --cuda-graphs")
+    if gpu_budget_gib is not None and (cuda_graphs or prefill_graphs):
+        raise ConfigError("profile: --cuda-graphs / --prefill-graphs with --gpu-budget-gib: the runtime runs a model "
+                          "with streamed layers eagerly; drop the graph flags")
     model, spec, source = load_model(spec_or_checkpoint, dev, dtype, seed)
     max_len = min(int(max_len), spec.max_context)
     notes: dict[str, Any] = {}
@@ -453,10 +476,10 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
                       notes) - int(cuda_graphs)
     cache = KVCache(spec, slots + int(cuda_graphs), max_len, device=dev, dtype=tdt)  # + the graphs' scratch slot
     dname = device_name(dev)
-    run = _Run(model, spec, name or spec.name, spec.dtype, dev, dname, cache, g, say, cuda_graphs, streamer,
-               notes=notes)
+    run = _Run(model, spec, name or spec.name, spec.dtype, dev, dname, cache, g, say, cuda_graphs, prefill_graphs,
+               streamer, notes=notes)
     say(f"{run.name} ({source}, {spec.dtype}) on {dname}: max_len {max_len}, {slots} KV slots"
-        f"{', CUDA-graph decode' if cuda_graphs else ''}")
+        f"{', CUDA-graph decode' if cuda_graphs else ''}{', CUDA-graph prefill' if prefill_graphs else ''}")
     with torch.inference_mode():
         profile_composite(run, max_len, page_tokens)
         checks = [(b, c) for b, c in g.check_points if b <= slots and c < max_len]
@@ -477,7 +500,8 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     meta = {"torch_version": torch.__version__, "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(
         timespec="seconds"), "device": str(dev), "device_name": dname, "model": run.name, "source": source,
         "dtype": spec.dtype, "max_len": max_len, "kv_slots": slots, "page_tokens": page_tokens,
-        "cuda_graphs": bool(cuda_graphs), "gpu_budget_gib": gpu_budget_gib, "streamed_layers": streamed,
+        "cuda_graphs": bool(cuda_graphs),
+        "prefill_graph_buckets": list(prefill_buckets(max_len)) if prefill_graphs else None, "gpu_budget_gib": gpu_budget_gib, "streamed_layers": streamed,
         "cuda": torch.version.cuda, "host": platform.platform(), "python": platform.python_version(),
         "threads": torch.get_num_threads(), "quick": quick, "grid": asdict(g), "skipped": skipped,
         "notes": notes, "summary": summarize(run.rows), "profile_s": round(time.perf_counter() - t_start, 2)}
@@ -540,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk-dir", default=None, help="folder for the disk-read test (default: the temp dir)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="decode through CUDA graphs, as runs with backend.cuda_graphs=true do")
+    ap.add_argument("--prefill-graphs", action="store_true",
+                    help="prefill through CUDA graphs (length buckets), as runs with backend.prefill_graphs=true do")
     ap.add_argument("--gpu-budget-gib", type=float, default=None,
                     help="GPU budget of the runs to mirror (backend.gpu_budget_gib): stream what does not fit")
     ap.add_argument("--grid", action="append", default=[], metavar="FIELD=VALUES",
@@ -556,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile(args.model, args.device, args.out, grid, quick=args.quick, dtype=args.dtype, name=args.name,
                 max_len=args.max_len, threads=args.threads, disk_dir=args.disk_dir, cuda_graphs=args.cuda_graphs,
-                gpu_budget_gib=args.gpu_budget_gib)
+                gpu_budget_gib=args.gpu_budget_gib, prefill_graphs=args.prefill_graphs)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
