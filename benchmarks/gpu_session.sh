@@ -5,11 +5,14 @@
 #   OUT=/some/dir bash benchmarks/gpu_session.sh profile  # profile -> calibration tables (the grid's models)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh validate # the validation grid's torch side (1 GPU)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh pp       # 2 GPUs: pipeline benchmark + the grid's 2-GPU entries
+#   OUT=/some/dir bash benchmarks/gpu_session.sh pg-profile           # prefill graphs: tests, step modes, tables
+#   OUT=/some/dir bash benchmarks/gpu_session.sh pg-validate          # ... then the grid on the same machine
+#   OUT=/some/dir bash benchmarks/gpu_session.sh pg-validate-offload
 # Everything a stage writes lands in $OUT/<stage>/ and is packed into $OUT/<stage>.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pg-validate | pg-validate-offload | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -125,6 +128,45 @@ case $stage in
     timeout 240 python3 -m experiments.validate --backends torch --out "$R/validation" --no-warmup \
       --torch-extra backend.cuda_graphs=true --only '*gpu4*' >> "$R/validate_log.txt" 2>&1
     grep -E "^\[|runs ok" "$R/validate_log.txt" | tail -70; date
+    ;;
+  pg-profile)
+    # CUDA-graph prefill: GPU tests, the step-modes diagnosis, then calibration tables measured as the runs
+    # run (decode and prefill graphs; the offloaded budgets eagerly, with their layers streamed). Run
+    # pg-validate and pg-validate-offload right after, on the same warm lease.
+    timeout 150 python3 -m pytest -q -m gpu tests/test_graph_prefill.py tests/test_graph_decode.py -p no:cacheprovider \
+      > "$R/gpu_tests.txt" 2>&1
+    tail -3 "$R/gpu_tests.txt"; date
+    timeout 120 python3 benchmarks/gpu_step_modes.py --out "$R/gpu_step_modes" > "$R/step_modes_log.txt" 2>&1
+    tail -14 "$R/step_modes_log.txt"; date
+    mkdir -p "$R/calibration"
+    Q="--grid reps=12 --grid rounds=3"
+    for md in gemma3-1b:bf16:100 gemma3-1b:fp16:100 tiny-gemma3:fp32:40 tiny-gemma3:bf16:40; do
+      IFS=: read -r m d limit <<< "$md"
+      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda --cuda-graphs --prefill-graphs \
+        --no-primitives $Q --out "$R/calibration/h100_${m}_${d}_graphs.csv" > "$R/calibration/log_${m}_${d}_graphs.txt" 2>&1
+      tail -1 "$R/calibration/log_${m}_${d}_graphs.txt"; date
+    done
+    G="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
+       --grid prefill_context_points= --grid overhead_batches=1,4,16 --grid check_points=1:160"
+    for b in 4.0 4.5; do
+      timeout 100 python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
+        --gpu-budget-gib $b $G $Q --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
+        > "$R/calibration/log_gpu${b}g.txt" 2>&1
+      tail -1 "$R/calibration/log_gpu${b}g.txt"; date
+    done
+    ;;
+  pg-validate)
+    # the resident 1-GPU configs with decode and prefill graphs, each run twice (noise floor)
+    timeout 560 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" \
+      --torch-extra backend.cuda_graphs=true backend.prefill_graphs=true --repeat \
+      --only 'tiny-*,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked,1b-c16-mixed-*,*-fp16' > "$R/validate_log.txt" 2>&1
+    grep -E "^\[|runs ok" "$R/validate_log.txt" | tail -60; date
+    ;;
+  pg-validate-offload)
+    # the offloaded configs (their streamed layers keep prefill and decode eager), once
+    timeout 300 python3 -m experiments.validate --backends torch --out "$R/validation" --no-warmup \
+      --torch-extra backend.cuda_graphs=true backend.prefill_graphs=true --only '*gpu4*' > "$R/validate_log.txt" 2>&1
+    grep -E "^\[|runs ok" "$R/validate_log.txt" | tail -10; date
     ;;
   decode-bw)
     timeout 570 python3 benchmarks/gpu_decode_bw.py --out "$R/gpu_decode_bw" --max-s 480 ${VARIANTS:+--variants $VARIANTS} \
