@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pg-validate | pg-validate-offload | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -151,6 +151,29 @@ case $stage in
     for b in 4.0 4.5; do
       timeout 100 python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
         --gpu-budget-gib $b $G $Q --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
+        > "$R/calibration/log_gpu${b}g.txt" 2>&1
+      tail -1 "$R/calibration/log_gpu${b}g.txt"; date
+    done
+    ;;
+  pg-profile2)
+    # the graph tables again with mean_s and prefill_step_pair, 20 timings a point (pg-profile-stream next)
+    mkdir -p "$R/calibration"
+    Q="--grid reps=20 --grid rounds=4"
+    for md in gemma3-1b:bf16:150 gemma3-1b:fp16:150 tiny-gemma3:fp32:45 tiny-gemma3:bf16:45; do
+      IFS=: read -r m d limit <<< "$md"
+      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda --cuda-graphs --prefill-graphs \
+        --no-primitives $Q --out "$R/calibration/h100_${m}_${d}_graphs.csv" > "$R/calibration/log_${m}_${d}_graphs.txt" 2>&1
+      tail -1 "$R/calibration/log_${m}_${d}_graphs.txt"; date
+    done
+    ;;
+  pg-profile-stream)
+    mkdir -p "$R/calibration"
+    G="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
+       --grid prefill_context_points= --grid overhead_batches=1,4,16 --grid check_points=1:160 --grid reps=16
+       --grid rounds=4"
+    for b in 4.0 4.5; do
+      timeout 200 python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
+        --gpu-budget-gib $b $G --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
         > "$R/calibration/log_gpu${b}g.txt" 2>&1
       tail -1 "$R/calibration/log_gpu${b}g.txt"; date
     done

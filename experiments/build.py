@@ -183,7 +183,8 @@ def make_placement(cfg: DictConfig, model: ModelSpec, hw: HardwareSpec, gpus: li
 
 def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
     hw = hardware_from_config(plain(cfg.hardware))
-    table = configured_table(cfg.backend.get("calibration"), hw.calibration)  # None: datasheet roofline
+    table = configured_table(cfg.backend.get("calibration"), hw.calibration,  # None: datasheet roofline
+                             str(cfg.backend.get("calibration_statistic", "mean")))
     links: dict[str, Any] = {}
     if table is not None:
         hw, links = measured_links(hw, table)

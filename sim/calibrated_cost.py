@@ -30,7 +30,19 @@ instead, which needs no assumption about how those parts add up::
     + sample(emitting rows)
 
 exact at the profiled points for a step of one prefill item or of decodes
-only. When the table was measured with CUDA-graph decode (its meta says
+only. Each whole step carries the step's fixed cost (the host work of
+``execute``, its sync, building the result), so a step with more parts must
+not add it once per part: when the table also has ``prefill_step_pair`` (a step
+of two prefill items of the same length and context), an item after the
+first, and every prefill item of a step that also decodes, costs its marginal
+``prefill_step_pair(T, C) - prefill_step(T, C)`` instead::
+
+    prefill-only: prefill_step(T_1, C_1) - sample(1) + sum_{i>1} marginal(T_i, C_i) + sample(emitting rows)
+    with decodes: decode_step(B, mean context) - sample(B) + sum_i marginal(T_i, C_i) + sample(emitting rows)
+    marginal(T, C) = [prefill_step_pair(T, C) - sample(2)] - [prefill_step(T, C) - sample(1)]
+
+(a marginal is held at >= 10 % of its single-item step less sampling, so
+timing noise never makes an item free). When the table was measured with CUDA-graph decode (its meta says
 ``cuda_graphs: true``, as for runs with ``backend.cuda_graphs=true``) a decode
 of B rows runs the graph of the smallest bucket >= B (1, 2, 4, ... then the
 run's ``scheduler.max_num_seqs``), so the decode ops are looked up at that
@@ -62,7 +74,7 @@ from wicore.runtime.buckets import bucket_of, default_buckets
 from wicore.types import BatchItem, Phase
 
 COMPOSITE_OPS = ("prefill_forward", "decode_forward", "decode_forward_mass", "sample", "step_overhead",
-                 "prefill_step", "decode_step", "decode_step_mass")
+                 "prefill_step", "prefill_step_pair", "decode_step", "decode_step_mass")
 _CACHE_MAX = 8192
 
 
@@ -115,6 +127,7 @@ class CalibratedCostModel(CostModel):
         self.step_op = "decode_step_mass" if self.decode_op == "decode_forward_mass" else "decode_step"
         self.whole_decode = table.has(self.step_op, name, dtype)
         self.whole_prefill = table.has("prefill_step", name, dtype)
+        self.pair_prefill = self.whole_prefill and table.has("prefill_step_pair", name, dtype)
         # CUDA-graph decode: a batch of B rows runs (and costs) the bucket >= B
         meta = table.meta_for(name, dtype)  # a merged table keeps each model's run shape
         self.cuda_graphs = bool(meta.get("cuda_graphs", False))
@@ -165,15 +178,23 @@ class CalibratedCostModel(CostModel):
                 c[ROOFLINE] = c.get(ROOFLINE, 0) + 1
             return [CostModel.step(self, items)]
         out: list[StepCost] = []
-        decode: list[BatchItem] = []
-        emit = 0
+        decode = [it for it in items if it.phase is not Phase.PREFILL]
+        emit = sum(it.emits_token for it in items)
+        # the step's fixed cost rides on its first prefill item unless a whole decode step carries it
+        first = not (decode and self.whole_decode)
         for it in items:
-            emit += it.emits_token
             if it.phase is not Phase.PREFILL:
-                decode.append(it)
-            elif self.whole_prefill:
-                m = self._lookup("prefill_step", tokens=self._prefill_tokens(it), context=it.context_len)
-                out.append(self._forward([it], self._less_sample(m, 1)))
+                continue
+            if self.whole_prefill:
+                tokens = self._prefill_tokens(it)
+                m = self._lookup("prefill_step", tokens=tokens, context=it.context_len)
+                single = self._less_sample(m, 1)
+                if self.pair_prefill and not first and single is not None:
+                    pair = self._less_sample(self._lookup("prefill_step_pair", tokens=tokens, context=it.context_len), 2)
+                    if pair is not None:
+                        single = max(pair - single, 0.1 * single)
+                first = False
+                out.append(self._forward([it], single))
             else:
                 m = self._lookup("prefill_forward", tokens=it.num_tokens, context=it.context_len)
                 out.append(self._forward([it], m))
@@ -229,7 +250,8 @@ class CalibratedCostModel(CostModel):
         and how many lookups were exact, interpolated, extrapolated or fell back to the roofline."""
         name, dtype = self.model.name, self.model.dtype
         ops: dict[str, Any] = {}
-        used = [op for op in ("prefill_step", self.step_op) if self.active and self.table.has(op, name, dtype)]
+        used = [op for op in ("prefill_step", "prefill_step_pair", self.step_op)
+                if self.active and self.table.has(op, name, dtype)]
         for op in (*used, "prefill_forward", self.decode_op, "sample", "step_overhead"):
             c = self.counts.get(op, {})
             ops[op] = {"source": MEASURED if self.active and self.table.has(op, name, dtype) else ROOFLINE,

@@ -7,7 +7,11 @@ next to it (torch version, time of measurement, device, grid, notes)::
     op, model, dtype, device_name, batch, tokens, context, nbytes, seconds, p10_s, p90_s, samples
 
 ``seconds`` is the median of ``samples`` timings, ``p10_s`` / ``p90_s`` the
-10th / 90th percentiles. Rows with an empty ``model`` are hardware-wide (copies,
+10th / 90th percentiles; an optional ``mean_s`` column (written by profiles
+since it was added) holds their mean. A table is read at one statistic
+(``statistic``): ``mean`` (the default; ``mean_s`` where a row has it, else
+its median), the right one for a simulator that sums many steps, since sums
+of skewed step times follow the mean, or ``median``. Rows with an empty ``model`` are hardware-wide (copies,
 disk reads): they match every model; an empty ``dtype`` matches every dtype.
 
 Lookup (``CalibrationTable.lookup``) interpolates piecewise-linearly along the
@@ -46,6 +50,8 @@ COLUMNS = ("op", "model", "dtype", "device_name", "batch", "tokens", "context", 
 COORDS = ("batch", "tokens", "context", "nbytes")
 _INT_COLUMNS = ("batch", "tokens", "context", "nbytes", "samples")
 _FLOAT_COLUMNS = ("seconds", "p10_s", "p90_s")
+OPTIONAL_COLUMNS = ("mean_s",)  # read when present; rows without it use their median
+STATISTICS = ("mean", "median")
 
 # axes of the known ops, primary (x) first; an op not listed uses the coordinates that vary in its rows
 OP_AXES: dict[str, tuple[str, ...]] = {
@@ -55,6 +61,7 @@ OP_AXES: dict[str, tuple[str, ...]] = {
     "decode_step": ("batch", "context"),
     "decode_step_mass": ("batch", "context"),
     "prefill_step": ("tokens", "context"),
+    "prefill_step_pair": ("tokens", "context"),
     "sample": ("batch",),
     "step_overhead": ("batch",),
     "engine_overhead": ("batch",),
@@ -169,9 +176,13 @@ class _Entry:
     rows: int
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
 def _parse(path: Path, line: int, col: str, text: str) -> float:
     try:
-        value = float(text) if col in _FLOAT_COLUMNS else int(float(text or 0))
+        value = float(text) if col in _FLOAT_COLUMNS + OPTIONAL_COLUMNS else int(float(text or 0))
     except ValueError:
         raise ConfigError(f"calibration table {path}: line {line}, column '{col}': '{text}' is not a number; "
                           "re-run `wicore profile` or fix the value") from None
@@ -185,10 +196,19 @@ class CalibrationTable:
     """Measured op timings with interpolation (see the module docstring)."""
 
     def __init__(self, rows: list[dict[str, Any]], path: Path | None = None,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, statistic: str = "mean") -> None:
+        if statistic not in STATISTICS:
+            raise ConfigError(f"calibration statistic '{statistic}': use one of {list(STATISTICS)}")
         self.path = path
         self.meta = meta or {}
         self.rows = rows
+        self.statistic = statistic
+        col = "mean_s" if statistic == "mean" else "seconds"
+
+        def value(r: dict[str, Any]) -> float:
+            v = r.get(col)
+            return float(v) if v is not None and v == v and v > 0 else float(r["seconds"])
+
         groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for r in rows:
             groups.setdefault((r["op"], r["model"], r["dtype"]), []).append(r)
@@ -209,15 +229,15 @@ class CalibrationTable:
                 seen.add(point)
             fn: _Curve | _Surface
             if len(axes) == 1:
-                fn = _Curve((float(r[axes[0]]), float(r["seconds"])) for r in grp)
+                fn = _Curve((float(r[axes[0]]), value(r)) for r in grp)
             else:
-                fn = _Surface([(float(r[axes[0]]), float(r[axes[1]]), float(r["seconds"])) for r in grp])
+                fn = _Surface([(float(r[axes[0]]), float(r[axes[1]]), value(r)) for r in grp])
             self._entries[key] = _Entry(axes, fn, len(grp))
 
     # ----- files ------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path) -> CalibrationTable:
-        """Read and validate ``path`` (and ``<path>.meta.json`` when present)."""
+    def load(cls, path: str | Path, statistic: str = "mean") -> CalibrationTable:
+        """Read and validate ``path`` (and ``<path>.meta.json`` when present); lookups return ``statistic``."""
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"calibration table {p}: file not found; run `wicore profile --out {p}` or fix "
@@ -237,6 +257,9 @@ class CalibrationTable:
                                                                              "device_name")}
                 for col in _INT_COLUMNS + _FLOAT_COLUMNS:
                     row[col] = _parse(p, n, col, (raw.get(col) or "").strip())
+                for col in OPTIONAL_COLUMNS:
+                    text = (raw.get(col) or "").strip()
+                    row[col] = _parse(p, n, col, text) if text else math.nan
                 if row["seconds"] <= 0:
                     raise ConfigError(f"calibration table {p}: line {n}, column 'seconds' must be > 0")
                 rows.append(row)
@@ -249,18 +272,23 @@ class CalibrationTable:
                 meta = json.loads(meta_path.read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"calibration meta {meta_path}: not valid JSON ({e})") from None
-        return cls(rows, p, meta)
+        return cls(rows, p, meta, statistic)
 
     @staticmethod
     def write(path: str | Path, rows: Iterable[dict[str, Any]], meta: dict[str, Any]) -> Path:
-        """Write rows (dicts with ``COLUMNS``) as CSV and ``meta`` as ``<path>.meta.json``."""
+        """Write rows (dicts with ``COLUMNS``, and ``mean_s`` when any row has it) as CSV and ``meta`` as
+        ``<path>.meta.json``."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
+        rows = list(rows)
+        cols = list(COLUMNS) + [c for c in OPTIONAL_COLUMNS if any(_finite(r.get(c)) for r in rows)]
+        floats = _FLOAT_COLUMNS + OPTIONAL_COLUMNS
         with p.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
             w.writeheader()
             for r in rows:
-                w.writerow({c: (f"{r[c]:.6g}" if c in _FLOAT_COLUMNS else r.get(c, "")) for c in COLUMNS})
+                w.writerow({c: (f"{r[c]:.6g}" if c in floats and _finite(r.get(c)) else
+                                "" if c in OPTIONAL_COLUMNS else r.get(c, "")) for c in cols})
         meta_path_for(p).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return p
 
@@ -317,7 +345,8 @@ class CalibrationTable:
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path) if self.path else None, "rows": len(self.rows),
                 "device_name": self.meta.get("device_name") or sorted({r["device_name"] for r in self.rows}),
-                "measured_at": self.meta.get("measured_at"), "torch_version": self.meta.get("torch_version")}
+                "measured_at": self.meta.get("measured_at"), "torch_version": self.meta.get("torch_version"),
+                "statistic": self.statistic}
 
 
 # meta keys that say how a model's rows were measured (and so how the simulator reads them): a merged table
@@ -370,13 +399,17 @@ def find_table(value: str, field: str, roots: Sequence[Path]) -> Path:
                       "path or one relative to the repository root, or run `wicore profile --out <path>`")
 
 
-def configured_table(backend_value: str | None, hardware_value: str | None) -> CalibrationTable | None:
+def configured_table(backend_value: str | None, hardware_value: str | None,
+                     statistic: str = "mean") -> CalibrationTable | None:
     """The table a run uses: ``backend.calibration`` when set, else ``hardware.calibration`` (the
-    hardware profile's own table), else None (roofline). Relative paths: repository root, then cwd."""
+    hardware profile's own table), else None (roofline). Relative paths: repository root, then cwd.
+    ``statistic``: ``backend.calibration_statistic`` (mean | median)."""
     if backend_value:
         value, field = str(backend_value), "backend.calibration"
     elif hardware_value:
         value, field = str(hardware_value), "hardware.calibration"
     else:
         return None
-    return CalibrationTable.load(find_table(value, field, [REPO_ROOT, Path.cwd()]))
+    if statistic not in STATISTICS:
+        raise ConfigError(f"backend.calibration_statistic: '{statistic}' is not one of {list(STATISTICS)}")
+    return CalibrationTable.load(find_table(value, field, [REPO_ROOT, Path.cwd()]), statistic)

@@ -251,6 +251,58 @@ def test_prefill_graph_tables_cost_a_chunk_at_its_length_bucket(tmp_path):
     assert p_cost.sources()["prefill_graph_buckets"] == []
 
 
+def test_pair_rows_cost_extra_prefill_items_at_their_margin(tmp_path):
+    """With prefill_step_pair rows a step of two equal prefill items costs exactly the measured pair, and a prefill
+    item in a step that decodes adds its margin to the decode step (the step's fixed cost is counted once)."""
+    from wicore.types import BatchItem, Phase
+
+    table, extra = _whole_step_table(tmp_path, False)
+    t = CalibrationTable.load(table)
+    pairs = {tok: 1.5 * extra[("prefill_step", tok, 0)] for tok in (16, 32, 64, 128)}
+    base = {"model": "tiny-gemma3", "dtype": "fp32", "device_name": "dev", "batch": 2, "context": 0, "nbytes": 0,
+            "samples": 5}
+    rows = t.rows + [{**base, "op": "prefill_step_pair", "tokens": tok, "seconds": v, "p10_s": v, "p90_s": v}
+                     for tok, v in pairs.items()]
+    paired = CalibrationTable.write(tmp_path / "pair.csv", rows, t.meta)
+    cfg = [*BASE[:-1], "backend.measure_attention=false", *SMALL]
+    cost = build_sim(make_cfg(*cfg, f"backend.calibration={paired}")).cost
+    plain = build_sim(make_cfg(*cfg, f"backend.calibration={table}")).cost
+    s1, s2, s4 = (_value("sample", batch=b) for b in (1, 2, 4))
+    for tok in (16, 64):
+        two = [BatchItem(i, Phase.PREFILL, tok, 0, True) for i in range(2)]
+        assert _close(cost.step(two).compute_s, pairs[tok])
+        single = extra[("prefill_step", tok, 0)]
+        assert _close(plain.step(two).compute_s, 2 * (single - s1) + s2)  # no pair rows: the old sum
+        margin = (pairs[tok] - s2) - (single - s1)
+        mixed = [BatchItem(9, Phase.PREFILL, tok, 0, True)] + [BatchItem(i, Phase.DECODE, 1, 64, True) for i in range(3)]
+        decode = (extra[("decode_step", 2, 64)] + extra[("decode_step", 4, 64)]) / 2  # 3 rows, no graphs
+        s3 = (s2 + s4) / 2
+        assert _close(cost.step(mixed).compute_s, decode - s3 + margin + s4), tok
+    assert "prefill_step_pair" in cost.sources()["whole_steps"]
+
+
+def test_the_simulator_reads_the_mean_unless_told_the_median(tmp_path):
+    """mean_s rows: backend.calibration_statistic=mean (default) costs a decode step at its mean, median at its
+    median (seconds); rows without mean_s use the median either way; a bad statistic fails at start-up."""
+    from wicore.types import BatchItem, Phase
+
+    table, extra = _whole_step_table(tmp_path, False)
+    t = CalibrationTable.load(table)
+    rows = [dict(r, mean_s=1.2 * r["seconds"]) if r["op"] == "decode_step" and r["batch"] == 4 else r for r in t.rows]
+    path = CalibrationTable.write(tmp_path / "mean.csv", rows, t.meta)
+    assert "mean_s" in _rows(path)[0]
+    cfg = [*BASE[:-1], "backend.measure_attention=false", *SMALL, f"backend.calibration={path}"]
+    items = {b: [BatchItem(i, Phase.DECODE, 1, 64, True) for i in range(b)] for b in (2, 4)}
+    mean = build_sim(make_cfg(*cfg)).cost
+    median = build_sim(make_cfg(*cfg, "backend.calibration_statistic=median")).cost
+    assert _close(mean.step(items[4]).compute_s, 1.2 * extra[("decode_step", 4, 64)])
+    assert _close(median.step(items[4]).compute_s, extra[("decode_step", 4, 64)])
+    assert _close(mean.step(items[2]).compute_s, median.step(items[2]).compute_s)  # no mean_s in that row
+    assert mean.sources()["table"]["statistic"] == "mean"
+    with pytest.raises(ConfigError, match="calibration_statistic"):
+        build_sim(make_cfg(*cfg, "backend.calibration_statistic=mode"))
+
+
 def test_absent_model_falls_back_to_the_roofline_and_says_so():
     common = ["hardware=h100", "model=gemma3-1b", "workload.num_requests=20", "workload.concurrency=4",
               "report.enabled=false", "progress=false"]
@@ -368,6 +420,8 @@ def test_profiler_with_prefill_graphs_measures_every_length_bucket(tmp_path, tor
     assert t.meta["prefill_graph_buckets"] == list(prefill_buckets(128)) == [16, 32, 48, 64, 96, 128]
     steps = {(r["tokens"], r["context"]) for r in t.rows if r["op"] == "prefill_step"}
     assert steps == {(16, 0), (32, 0), (48, 0), (64, 0), (96, 0), (16, 64)}  # 128 + the timed tokens > max_len
+    pairs = {(r["tokens"], r["context"]) for r in t.rows if r["op"] == "prefill_step_pair"}
+    assert pairs == steps and all(r["mean_s"] > 0 for r in t.rows)
     with pytest.raises(ConfigError, match="--prefill-graphs"):
         profile("tiny-gemma3", "cpu", tmp_path / "x.csv", grid, gpu_budget_gib=1.0, prefill_graphs=True)
 

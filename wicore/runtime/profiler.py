@@ -23,7 +23,9 @@ the same input construction, in the model dtype, under ``inference_mode``):
   replay). With ``prefill_graphs`` prefill steps run through the backend's
   prefill graphs (``GraphPrefill``), as with ``backend.prefill_graphs=true``,
   and the context-0 ``prefill_step`` points are the graph length buckets (so
-  every chunk length a run pads to is a measured point). The simulator prefers
+  every chunk length a run pads to is a measured point). ``prefill_step_pair``:
+  the same step with two prefill items of that length and context, from which
+  the simulator takes what one more item adds to a step. The simulator prefers
   these to the composed forward + sample;
 * ``step_overhead`` (batch running): host time between the end one step reports
   and the start of the next, on the real driver, engine and backend;
@@ -343,8 +345,9 @@ def _step_times(be: TorchBackend, plan: StepPlan, reps: int, warmup: int) -> lis
 
 def profile_steps(run: _Run, batches: list[int], contexts: list[int], prefill: list[tuple[int, int]],
                   page_tokens: int) -> None:
-    """``decode_step`` / ``decode_step_mass`` (batch x context) and ``prefill_step`` (tokens x context):
-    whole steps through ``TorchBackend.execute``, decoding through CUDA graphs when the run's are on."""
+    """``decode_step`` / ``decode_step_mass`` (batch x context), ``prefill_step`` and ``prefill_step_pair``
+    (tokens x context; one and two prefill items): whole steps through ``TorchBackend.execute``, decoding
+    (and prefilling) through CUDA graphs when the run's are on."""
     g = run.grid
     depth = g.reps + g.warmup + 2  # every timed execution appends one token per row
     for mass in (False, True):
@@ -358,25 +361,35 @@ def profile_steps(run: _Run, batches: list[int], contexts: list[int], prefill: l
             run.add(op, ts, batch=b, context=c)
         for rid in range(max(batches)):
             be.release(rid)
-    run.log(f"prefill_step{' (CUDA graphs)' if run.prefill_graphs else ''}: (tokens, context) {prefill}")
-    be = _backend(run, 1, max(t + c for t, c in prefill) + depth, page_tokens, False, run.cuda_graphs)
-    plans = {(t, c): StepPlan(1, 0, 0.0, [BatchItem(0, Phase.PREFILL, t, c, True)]) for t, c in prefill}
-    req = be.requests[0]
+    for op, n in (("prefill_step", 1), ("prefill_step_pair", 2)):
+        run.log(f"{op}{' (CUDA graphs)' if run.prefill_graphs else ''}: (tokens, context) {prefill}")
+        be = _backend(run, n, max(t + c for t, c in prefill) + depth, page_tokens, False, run.cuda_graphs)
+        for (t, c), ts in interleaved(prefill, _prefill_timer(be, n), g.reps, g.warmup, g.rounds).items():
+            run.add(op, ts, batch=n, tokens=t, context=c)
+        for rid in range(n):
+            be.release(rid)
 
-    def timer(p: Any, n: int, warmup: int) -> list[float]:
+
+def _prefill_timer(be: TorchBackend, n: int) -> Callable[[Any, int, int], list[float]]:
+    """A ``timing.interleaved`` timer of steps that prefill requests 0..n-1 with one (tokens, context) chunk each;
+    at context 0 each execution starts them as new requests, as in a run (not as a restart, which zeroes the
+    slot first)."""
+    reqs = [be.requests[rid] for rid in range(n)]
+
+    def timer(p: Any, reps: int, warmup: int) -> list[float]:
+        t, c = p
+        plan = StepPlan(1, 0, 0.0, [BatchItem(r.request_id, Phase.PREFILL, t, c, True) for r in reqs])
         out = []
-        for i in range(warmup + n):
-            if p[1] == 0:  # a new request, as in a run (not a restart, which zeroes its slot first)
-                be.release(0)
-                be.add_request(req)
-            r = be.execute(plans[p])
+        for i in range(warmup + reps):
+            if c == 0:
+                for r in reqs:
+                    be.release(r.request_id)
+                    be.add_request(r)
+            res = be.execute(plan)
             if i >= warmup:
-                out.append(r.end - r.start)
+                out.append(res.end - res.start)
         return out
-
-    for (t, c), ts in interleaved(prefill, timer, g.reps, g.warmup, g.rounds).items():
-        run.add("prefill_step", ts, batch=1, tokens=t, context=c)
-    be.release(0)
+    return timer
 
 
 def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
@@ -471,7 +484,7 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     streamer, streamed = (_stream(model, spec, dev, gpu_budget_gib, notes) if gpu_budget_gib is not None
                           else (None, []))
     tdt = to_torch_dtype(spec.dtype)
-    want = max([*g.decode_batches, *(b for b, _ in g.check_points), 1])
+    want = max([*g.decode_batches, *(b for b, _ in g.check_points), 2 if g.steps else 1])  # prefill_step_pair: 2
     slots = _kv_slots(spec, dev, max_len, want + int(cuda_graphs), torch.empty(0, dtype=tdt).element_size(),
                       notes) - int(cuda_graphs)
     cache = KVCache(spec, slots + int(cuda_graphs), max_len, device=dev, dtype=tdt)  # + the graphs' scratch slot

@@ -81,4 +81,5 @@ def point(op: str, model: str, dtype: str, device_name: str, seconds: list[float
     s = np.asarray(seconds, dtype=float)
     return {"op": op, "model": model, "dtype": dtype, "device_name": device_name, "batch": batch,
             "tokens": tokens, "context": context, "nbytes": nbytes, "seconds": float(np.median(s)),
-            "p10_s": float(np.percentile(s, 10)), "p90_s": float(np.percentile(s, 90)), "samples": len(s)}
+            "p10_s": float(np.percentile(s, 10)), "p90_s": float(np.percentile(s, 90)), "mean_s": float(np.mean(s)),
+            "samples": len(s)}
