@@ -182,11 +182,18 @@ class TorchBackend:
         sw.finish(step)
         return step
 
-    def _sampling(self, rids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        def param(name: str, default: float) -> torch.Tensor:
-            vals = [float((self.requests[r].sampling or {}).get(name, default)) for r in rids]
-            return torch.tensor(vals, device=self.device)
-        return param("temperature", 0.0), param("top_k", 0).long(), param("top_p", 1.0)
+    def _sample(self, rids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Next tokens [B] of rows ``rids`` from their logits [B, V], with each request's sampling parameters.
+        When every row is greedy (temperature <= 0, known on the host) it is the argmax alone: no sort of the
+        vocabulary, no noise drawn from the generator."""
+        params = [self.requests[r].sampling or {} for r in rids]
+        temps = [float(p.get("temperature", 0.0)) for p in params]
+        if all(t <= 0 for t in temps):
+            return logits.argmax(dim=-1)
+        dev = self.device
+        return sample(logits, torch.tensor(temps, device=dev),
+                      torch.tensor([float(p.get("top_k", 0)) for p in params], device=dev).long(),
+                      torch.tensor([float(p.get("top_p", 1.0)) for p in params], device=dev), self.generator)
 
     # ----- one step ----------------------------------------------------------------
     @torch.inference_mode()
@@ -280,9 +287,8 @@ class TorchBackend:
             emit_ids += [it.request_id for it in dec]
         result = StepResult(plan.step_id, start, start)
         if emit_ids:
-            temp, top_k, top_p = self._sampling(emit_ids)
             all_logits = torch.cat(last_logits)
-            new_t = sample(all_logits, temp, top_k, top_p, self.generator)
+            new_t = self._sample(emit_ids, all_logits)
             if mor is None:
                 new = new_t.tolist()  # the one sync
             else:  # tokens and routing signals in one sync

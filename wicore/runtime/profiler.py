@@ -12,8 +12,9 @@ the same input construction, in the model dtype, under ``inference_mode``):
   back per row (``backend.measure_attention=true``), host timed;
 * ``prefill_forward`` (tokens T, context C): one forward of a T-token chunk of
   one request at positions [C, C + T);
-* ``sample`` (batch rows): ``TorchBackend._sampling`` + ``sample`` + the step's
-  one ``.tolist()`` sync + the token bookkeeping, host timed;
+* ``sample`` (batch rows): ``TorchBackend._sample`` (greedy rows: the argmax
+  alone; otherwise ``sample`` with per-row parameters) + the step's one
+  ``.tolist()`` sync + the token bookkeeping, host timed, for greedy requests;
 * ``decode_step`` / ``decode_step_mass`` (batch x context) and ``prefill_step``
   (tokens x context): whole steps through ``TorchBackend.execute`` itself, timed
   by the interval the step reports (what a run's ``steps.parquet`` records):
@@ -283,17 +284,16 @@ def _backend(run: _Run, batch: int, prompt: int, page_tokens: int, measure: bool
 
 
 def _sample_fn(run: _Run, b: int, page_tokens: int) -> Callable[[], Any]:
-    """Sampling of ``b`` rows as TorchBackend.execute runs it: per-request parameters, one sample call,
-    the step's host sync (``.tolist()``), the token bookkeeping."""
-    from wicore.model.sampling import sample
+    """Sampling of ``b`` rows as TorchBackend.execute runs it: per-request parameters, one sample call (the
+    argmax alone: the profiled requests are greedy, as the validation workloads are), the step's host sync
+    (``.tolist()``), the token bookkeeping."""
 
     be = _backend(run, b, 1, page_tokens, False)
     logits = [torch.randn(b, run.spec.vocab_size, device=run.device)]
     rids = list(range(b))
 
     def fn() -> Any:
-        temp, top_k, top_p = be._sampling(rids)
-        new = sample(torch.cat(logits), temp, top_k, top_p, be.generator).tolist()
+        new = be._sample(rids, torch.cat(logits)).tolist()
         out = {}
         for rid, tok in zip(rids, new):
             be.tokens[rid].append(tok)
