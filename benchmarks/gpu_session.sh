@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -155,14 +155,31 @@ case $stage in
       tail -1 "$R/calibration/log_gpu${b}g.txt"; date
     done
     ;;
+  pin-check)
+    # does pinning the process to one CPU make host-bound steps agree between processes? tiny-gemma3 steps
+    # in six processes, three free and three pinned with taskset (PIN_CPU, default 2)
+    for i in 1 2 3; do
+      timeout 60 python3 benchmarks/gpu_step_modes.py --model tiny-gemma3 --reps 40 --out "$R/free_$i" > /dev/null 2>&1
+      timeout 60 taskset -c ${PIN_CPU:-2} python3 benchmarks/gpu_step_modes.py --model tiny-gemma3 --reps 40 \
+        --out "$R/pin_$i" > /dev/null 2>&1
+    done
+    python3 - "$R" <<'PY'
+import json, sys, glob
+for d in sorted(glob.glob(sys.argv[1] + "/*_[0-9]")):
+    c = json.load(open(d + "/results.json"))["cases"]
+    print(d.rsplit("/", 1)[1], " ".join(f"{k} {1e3 * c[k]['wall_s']['p50']:.3f}" for k in
+          ("decode1_graph", "step_prefill128_graph", "prefill128_eager")))
+PY
+    ;;
   pg-profile2)
     # the graph tables again with mean_s and prefill_step_pair, 20 timings a point (pg-profile-stream next)
     mkdir -p "$R/calibration"
     Q="--grid reps=20 --grid rounds=4"
     for md in gemma3-1b:bf16:150 gemma3-1b:fp16:150 tiny-gemma3:fp32:45 tiny-gemma3:bf16:45; do
       IFS=: read -r m d limit <<< "$md"
-      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda --cuda-graphs --prefill-graphs \
-        --no-primitives $Q --out "$R/calibration/h100_${m}_${d}_graphs.csv" > "$R/calibration/log_${m}_${d}_graphs.txt" 2>&1
+      timeout $limit ${PIN:-} python3 -m wicore.cli profile --model $m --dtype $d --device cuda --cuda-graphs \
+        --prefill-graphs --no-primitives $Q --out "$R/calibration/${m}_${d}_graphs.csv" \
+        > "$R/calibration/log_${m}_${d}_graphs.txt" 2>&1
       tail -1 "$R/calibration/log_${m}_${d}_graphs.txt"; date
     done
     ;;
@@ -179,8 +196,9 @@ case $stage in
     done
     ;;
   pg-validate)
-    # the resident 1-GPU configs with decode and prefill graphs, each run twice (noise floor)
-    timeout 560 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" \
+    # the resident 1-GPU configs with decode and prefill graphs, each run twice (noise floor); PIN: a command
+    # prefix for the process (e.g. "taskset -c 2"), the same as pg-profile2's
+    timeout 560 ${PIN:-} python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" \
       --torch-extra backend.cuda_graphs=true backend.prefill_graphs=true --repeat \
       --only 'tiny-*,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked,1b-c16-mixed-*,*-fp16' > "$R/validate_log.txt" 2>&1
     grep -E "^\[|runs ok" "$R/validate_log.txt" | tail -60; date

@@ -184,7 +184,7 @@ def make_placement(cfg: DictConfig, model: ModelSpec, hw: HardwareSpec, gpus: li
 def build_sim(cfg: DictConfig, progress: Any = None) -> SimSetup:
     hw = hardware_from_config(plain(cfg.hardware))
     table = configured_table(cfg.backend.get("calibration"), hw.calibration,  # None: datasheet roofline
-                             str(cfg.backend.get("calibration_statistic", "mean")))
+                             str(cfg.backend.get("calibration_statistic", "median")))
     links: dict[str, Any] = {}
     if table is not None:
         hw, links = measured_links(hw, table)

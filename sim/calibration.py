@@ -9,9 +9,9 @@ next to it (torch version, time of measurement, device, grid, notes)::
 ``seconds`` is the median of ``samples`` timings, ``p10_s`` / ``p90_s`` the
 10th / 90th percentiles; an optional ``mean_s`` column (written by profiles
 since it was added) holds their mean. A table is read at one statistic
-(``statistic``): ``mean`` (the default; ``mean_s`` where a row has it, else
-its median), the right one for a simulator that sums many steps, since sums
-of skewed step times follow the mean, or ``median``. Rows with an empty ``model`` are hardware-wide (copies,
+(``statistic``): ``median`` (the default: ``seconds``) or ``mean`` (``mean_s``
+where a row has it, else its median; sums of skewed step times follow the
+mean, but the mean of a few timings moves with one stray slow sample). Rows with an empty ``model`` are hardware-wide (copies,
 disk reads): they match every model; an empty ``dtype`` matches every dtype.
 
 Lookup (``CalibrationTable.lookup``) interpolates piecewise-linearly along the
@@ -196,7 +196,7 @@ class CalibrationTable:
     """Measured op timings with interpolation (see the module docstring)."""
 
     def __init__(self, rows: list[dict[str, Any]], path: Path | None = None,
-                 meta: dict[str, Any] | None = None, statistic: str = "mean") -> None:
+                 meta: dict[str, Any] | None = None, statistic: str = "median") -> None:
         if statistic not in STATISTICS:
             raise ConfigError(f"calibration statistic '{statistic}': use one of {list(STATISTICS)}")
         self.path = path
@@ -236,7 +236,7 @@ class CalibrationTable:
 
     # ----- files ------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, statistic: str = "mean") -> CalibrationTable:
+    def load(cls, path: str | Path, statistic: str = "median") -> CalibrationTable:
         """Read and validate ``path`` (and ``<path>.meta.json`` when present); lookups return ``statistic``."""
         p = Path(path)
         if not p.is_file():
@@ -400,7 +400,7 @@ def find_table(value: str, field: str, roots: Sequence[Path]) -> Path:
 
 
 def configured_table(backend_value: str | None, hardware_value: str | None,
-                     statistic: str = "mean") -> CalibrationTable | None:
+                     statistic: str = "median") -> CalibrationTable | None:
     """The table a run uses: ``backend.calibration`` when set, else ``hardware.calibration`` (the
     hardware profile's own table), else None (roofline). Relative paths: repository root, then cwd.
     ``statistic``: ``backend.calibration_statistic`` (mean | median)."""

@@ -281,9 +281,9 @@ def test_pair_rows_cost_extra_prefill_items_at_their_margin(tmp_path):
     assert "prefill_step_pair" in cost.sources()["whole_steps"]
 
 
-def test_the_simulator_reads_the_mean_unless_told_the_median(tmp_path):
-    """mean_s rows: backend.calibration_statistic=mean (default) costs a decode step at its mean, median at its
-    median (seconds); rows without mean_s use the median either way; a bad statistic fails at start-up."""
+def test_the_simulator_reads_the_median_unless_told_the_mean(tmp_path):
+    """mean_s rows: backend.calibration_statistic=median (default) costs a decode step at its median (seconds),
+    mean at its mean; rows without mean_s use the median either way; a bad statistic fails at start-up."""
     from wicore.types import BatchItem, Phase
 
     table, extra = _whole_step_table(tmp_path, False)
@@ -293,12 +293,12 @@ def test_the_simulator_reads_the_mean_unless_told_the_median(tmp_path):
     assert "mean_s" in _rows(path)[0]
     cfg = [*BASE[:-1], "backend.measure_attention=false", *SMALL, f"backend.calibration={path}"]
     items = {b: [BatchItem(i, Phase.DECODE, 1, 64, True) for i in range(b)] for b in (2, 4)}
-    mean = build_sim(make_cfg(*cfg)).cost
-    median = build_sim(make_cfg(*cfg, "backend.calibration_statistic=median")).cost
+    mean = build_sim(make_cfg(*cfg, "backend.calibration_statistic=mean")).cost
+    median = build_sim(make_cfg(*cfg)).cost
     assert _close(mean.step(items[4]).compute_s, 1.2 * extra[("decode_step", 4, 64)])
     assert _close(median.step(items[4]).compute_s, extra[("decode_step", 4, 64)])
     assert _close(mean.step(items[2]).compute_s, median.step(items[2]).compute_s)  # no mean_s in that row
-    assert mean.sources()["table"]["statistic"] == "mean"
+    assert mean.sources()["table"]["statistic"] == "mean" and median.sources()["table"]["statistic"] == "median"
     with pytest.raises(ConfigError, match="calibration_statistic"):
         build_sim(make_cfg(*cfg, "backend.calibration_statistic=mode"))
 
