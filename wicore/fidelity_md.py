@@ -180,9 +180,10 @@ def _spread(spread: pd.DataFrame) -> list[str]:
             for r in spread.sort_values(["unstable_points", "median_spread"], ascending=False).itertuples()]
     bad = spread[spread["unstable_points"] > spread["points"] / 2]
     md = ["## Spread of the measured costs", "",
-          "The simulator uses the median of each calibration point. Where the repeated timings of a point spread "
+          "The simulator uses one number per calibration point (its median, or its mean with "
+          "`backend.calibration_statistic=mean`). Where the repeated timings of a point spread "
           f"widely (p90 / p10 > {SPREAD_LIMIT}) the op was not stable on the profiled machine, and a run's steps can "
-          "land anywhere in that range, which a median cannot follow "
+          "land anywhere in that range, which one number cannot follow "
           "([fidelity_cost_spread.csv](fidelity_cost_spread.csv)).", "",
           md_table(["op", "model", "table", "points", "median p90/p10", "max p90/p10", f"points > {SPREAD_LIMIT}"],
                    body), ""]
