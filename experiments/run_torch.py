@@ -294,3 +294,5 @@ def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False,
             s.backend.close()
         if getattr(s.backend, "mor", None) is not None:
             s.backend.mor.close()
+        if getattr(s.backend, "streamer", None) is not None:  # hooks off, NVMe reader stopped, its store removed
+            s.backend.streamer.close()

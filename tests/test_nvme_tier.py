@@ -237,8 +237,10 @@ def test_run_torch_on_the_nvme_tier_finishes_with_disk_reads_and_the_host_tier_t
     ops = {(name, res) for _, _, name, res, *_ in setup.recorder.ops}  # type: ignore[attr-defined]
     assert ("fetch", "nvme") in ops and ("fetch", "pcie0") in ops
     st.close()
-    out = run_torch(nvme_cfg(), tmp_path / "run")
+    store = tmp_path / "store2"
+    out = run_torch(nvme_cfg(f"backend.nvme_dir={store}"), tmp_path / "run")
     assert out["finished"] == 6
+    assert store.is_dir() and not list(store.iterdir())  # the run closed its streamer: the store is gone
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())
     assert placement["stream_source"] == "nvme" and placement["stream_host_format"] == "int4"
     assert placement["stream_disk_bytes"] > 0 and placement["stream_disk_read_s"] > 0
