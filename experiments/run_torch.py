@@ -21,6 +21,7 @@ from wicore.memory.page_pool import PagePool
 from wicore.memory.placement import StaticPlacement
 from wicore.metrics import SLO, Recorder
 from wicore.model.spec import ModelSpec
+from wicore.runtime.gc_freeze import frozen_gc
 from wicore.types import Request
 
 
@@ -280,7 +281,8 @@ def run_torch(cfg: DictConfig, out: Path, progress_bar: bool = False,
 
     try:
         driver = TorchDriver(s.engine, s.backend, s.workload, s.t0, progress=progress)
-        end = driver.run()
+        with frozen_gc(bool(cfg.backend.get("gc_freeze", True))):  # full collections skip the set-up's objects
+            end = driver.run()
         if bar is not None:
             bar.close()
         device = ",".join(s.backend.cfg.devices) if s.pp > 1 else s.backend.device

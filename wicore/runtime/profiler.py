@@ -69,6 +69,7 @@ from wicore.model.spec import ModelSpec
 from wicore.model.transformer import Transformer, build_model, to_torch_dtype
 from wicore.runtime.backend import TorchBackend
 from wicore.runtime.buckets import prefill_buckets
+from wicore.runtime.gc_freeze import frozen_gc
 from wicore.runtime.graph_decode import GraphDecode
 from wicore.runtime.profile_overhead import measure_step_gaps, measure_step_overhead
 from wicore.runtime.profile_primitives import (
@@ -493,7 +494,7 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
                streamer, notes=notes)
     say(f"{run.name} ({source}, {spec.dtype}) on {dname}: max_len {max_len}, {slots} KV slots"
         f"{', CUDA-graph decode' if cuda_graphs else ''}{', CUDA-graph prefill' if prefill_graphs else ''}")
-    with torch.inference_mode():
+    with torch.inference_mode(), frozen_gc():  # as runs time their steps (backend.gc_freeze)
         profile_composite(run, max_len, page_tokens)
         checks = [(b, c) for b, c in g.check_points if b <= slots and c < max_len]
         notes["execute_check"] = (_check_steps(run, checks, page_tokens, False)

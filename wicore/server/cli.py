@@ -123,11 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    loop.start()
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
-    finally:
-        loop.stop()
+    from wicore.runtime.gc_freeze import frozen_gc
+
+    with frozen_gc():  # serving: full collections skip the objects of start-up
+        loop.start()
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
+        finally:
+            loop.stop()
     return 0
 
 
