@@ -2,7 +2,7 @@
 
 A process that imports torch, pandas and Hydra holds a few hundred thousand container objects (module
 functions, their tuples, dicts and closure cells) that live as long as the process. Every full
-(generation-2) collection walks all of them: about 150 ms each on this project's CPU VM, and about
+(generation-2) collection walks all of them: 150-190 ms each on this project's CPU VM, and
 125-190 ms on an H100 machine, where a Gemma-3-1B run with 32 concurrent 1,024-token requests had three
 decode steps of that length (steps 77, 173 and 249 on two machines; `benchmarks/gc_pauses.py` shows the
 collections on the CPU). Serving processes freeze those objects once set-up is done: ``gc.freeze()`` moves
