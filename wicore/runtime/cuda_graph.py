@@ -38,6 +38,7 @@ from torch import Tensor
 from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.transformer import Transformer
+from wicore.runtime.graph_capture import capture
 
 __all__ = ["GraphedDecoder"]
 
@@ -87,17 +88,8 @@ class GraphedDecoder:
         return last, last.argmax(dim=-1)
 
     def _capture(self, warmup: int) -> None:
-        with torch.cuda.device(self.device), torch.no_grad():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: cuBLAS handles/workspaces, allocator
-                for _ in range(warmup):
-                    self._forward(self.input_ids, self.positions)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits, nxt = self._forward(self.input_ids, self.positions)
-            self._graph, self.logits, self.next_tokens = graph, logits, nxt
+        self._graph, (self.logits, self.next_tokens), _ = capture(
+            self.device, lambda: self._forward(self.input_ids, self.positions), warmup)
 
     def _compile(self, warmup: int) -> None:
         mark = getattr(torch._dynamo, "mark_static_address", None)

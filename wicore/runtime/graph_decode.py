@@ -57,6 +57,7 @@ from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.transformer import Transformer
 from wicore.runtime.buckets import default_buckets
+from wicore.runtime.graph_capture import capture
 
 __all__ = ["GraphDecode", "default_buckets"]
 
@@ -137,20 +138,8 @@ class GraphDecode:
         """Warm up on a side stream, then capture; the static inputs hold padding rows, so both only
         write the scratch slot."""
         t0 = time.perf_counter()
-        dev = self.device
-        with torch.cuda.device(dev):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self._forward(bk)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                bk.logits, bk.mass = self._forward(bk)
-        bk.graph = graph
+        bk.graph, (bk.logits, bk.mass), self._pool = capture(self.device, lambda: self._forward(bk), self.warmup,
+                                                             self._pool)
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
 

@@ -47,6 +47,7 @@ from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.transformer import Transformer
 from wicore.runtime.buckets import bucket_of, prefill_buckets
+from wicore.runtime.graph_capture import capture
 
 __all__ = ["GraphPrefill", "prefill_buckets"]
 
@@ -101,20 +102,7 @@ class GraphPrefill:
 
     def _capture(self, bk: _Bucket) -> None:
         t0 = time.perf_counter()
-        dev = self.device
-        with torch.cuda.device(dev):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self._forward(bk)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                bk.logits = self._forward(bk)
-        bk.graph = graph
+        bk.graph, bk.logits, self._pool = capture(self.device, lambda: self._forward(bk), self.warmup, self._pool)
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
 

@@ -1,0 +1,37 @@
+"""Warm a forward up on a side stream, then capture one call of it into a CUDA graph.
+
+The warm-up runs first (cuBLAS handles and workspaces, allocator growth, any value a forward caches on
+its first call, such as the Gemma embedding scale) on a side stream, as capture requires; the capture
+then records one call. ``GraphDecode``, ``GraphPrefill`` and ``GraphedDecoder`` share this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def capture(device: torch.device, forward: Callable[[], T], warmup: int,
+            pool: Any = None) -> tuple[torch.cuda.CUDAGraph, T, Any]:
+    """(graph, the captured call's outputs: static tensors every replay overwrites, the memory pool used).
+
+    ``pool``: a ``torch.cuda.graph_pool_handle()`` shared with graphs that never run at the same time
+    (None: a new one). Runs under ``no_grad``: the warm-up must not build autograd state.
+    """
+    with torch.cuda.device(device), torch.no_grad():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(1, warmup)):
+                forward()
+        torch.cuda.current_stream(device).wait_stream(side)
+        if pool is None:
+            pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = forward()
+    return graph, out, pool
