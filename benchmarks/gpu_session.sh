@@ -16,6 +16,21 @@ stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | f
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
+# gemma3-1b bf16 under the grid's two GPU budgets with the streamed layers streamed (the offloaded configs'
+# tables): profile_streamed TIMEOUT [more profile arguments]
+STREAM_GRID="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
+  --grid prefill_context_points= --grid overhead_batches=1,4,16 --grid check_points=1:160"
+profile_streamed() {
+  local limit=$1; shift
+  mkdir -p "$R/calibration"
+  for b in 4.0 4.5; do
+    timeout "$limit" python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
+      --gpu-budget-gib $b $STREAM_GRID "$@" --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
+      > "$R/calibration/log_gpu${b}g.txt" 2>&1
+    tail -1 "$R/calibration/log_gpu${b}g.txt"; date
+  done
+}
+
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$R/torch.txt"
 case $stage in
   mor)
@@ -87,15 +102,7 @@ case $stage in
   fidelity-profile-stream)
     # gemma3-1b bf16 under the grid's two GPU budgets: whole steps with the streamed layers streamed
     mkdir -p "$R/calibration"
-    G="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
-       --grid prefill_context_points= --grid reps=12 --grid rounds=3 --grid overhead_batches=1,4,16
-       --grid check_points=1:160"
-    for b in 4.0 4.5; do
-      timeout 170 python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
-        --gpu-budget-gib $b $G --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
-        > "$R/calibration/log_gpu${b}g.txt" 2>&1
-      tail -1 "$R/calibration/log_gpu${b}g.txt"; date
-    done
+    profile_streamed 170 --grid reps=12 --grid rounds=3
     timeout 200 python3 -m pytest -q -m gpu tests/test_kv_swap.py tests/test_nvme_tier.py tests/test_graph_decode.py \
       -p no:cacheprovider > "$R/gpu_tests.txt" 2>&1
     tail -5 "$R/gpu_tests.txt"; date
@@ -111,14 +118,7 @@ case $stage in
         --out "$R/calibration/h100_${m}_${d}_graphs.csv" > "$R/calibration/log_${m}_${d}_graphs.txt" 2>&1
       tail -1 "$R/calibration/log_${m}_${d}_graphs.txt"; date
     done
-    G="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
-       --grid prefill_context_points= --grid overhead_batches=1,4,16 --grid check_points=1:160"
-    for b in 4.0 4.5; do
-      timeout 120 python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
-        --gpu-budget-gib $b $G $Q --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
-        > "$R/calibration/log_gpu${b}g.txt" 2>&1
-      tail -1 "$R/calibration/log_gpu${b}g.txt"; date
-    done
+    profile_streamed 120 $Q
     ;;
   same-validate)
     # every 1-GPU grid config, CUDA-graph decode; the resident ones twice (noise floor), the offloaded once
@@ -146,14 +146,7 @@ case $stage in
         --no-primitives $Q --out "$R/calibration/h100_${m}_${d}_graphs.csv" > "$R/calibration/log_${m}_${d}_graphs.txt" 2>&1
       tail -1 "$R/calibration/log_${m}_${d}_graphs.txt"; date
     done
-    G="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
-       --grid prefill_context_points= --grid overhead_batches=1,4,16 --grid check_points=1:160"
-    for b in 4.0 4.5; do
-      timeout 100 python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
-        --gpu-budget-gib $b $G $Q --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
-        > "$R/calibration/log_gpu${b}g.txt" 2>&1
-      tail -1 "$R/calibration/log_gpu${b}g.txt"; date
-    done
+    profile_streamed 100 $Q
     ;;
   pin-check)
     # does pinning the process to one CPU make host-bound steps agree between processes? tiny-gemma3 steps
@@ -184,16 +177,7 @@ PY
     done
     ;;
   pg-profile-stream)
-    mkdir -p "$R/calibration"
-    G="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
-       --grid prefill_context_points= --grid overhead_batches=1,4,16 --grid check_points=1:160 --grid reps=16
-       --grid rounds=4"
-    for b in 4.0 4.5; do
-      timeout 200 python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
-        --gpu-budget-gib $b $G --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
-        > "$R/calibration/log_gpu${b}g.txt" 2>&1
-      tail -1 "$R/calibration/log_gpu${b}g.txt"; date
-    done
+    profile_streamed 200 --grid reps=16 --grid rounds=4
     ;;
   pg-validate)
     # the resident 1-GPU configs with decode and prefill graphs, each run twice (noise floor); PIN: a command
