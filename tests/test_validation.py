@@ -289,3 +289,29 @@ def test_report_states_the_spread_of_the_measured_costs_it_used(validation_dir, 
     got = spread.set_index("op").loc["decode_forward_mass"]
     assert got["points"] == len(g) and got["median_spread"] == pytest.approx((g["p90_s"] / g["p10_s"]).median())
     assert "## Spread of the measured costs" in (out / "fidelity.md").read_text()
+
+
+def test_group_stats_split_the_errors_by_what_configs_share(validation_dir):
+    """A kind with two or more groups gets a row per group: its configs' median / p90 |error|; a kind every
+    config shares (here the model, the weights, the GPU count) gets none."""
+    import copy
+    import dataclasses
+
+    from wicore.fidelity import compare_all, config_groups, group_stats
+    from wicore.fidelity_md import _groups
+
+    pairs, _ = load_pairs(validation_dir)
+    assert config_groups(pairs[0]) == {"model": "tiny-gemma3 fp32", "weights": "all resident",
+                                       "batching": "continuous", "GPUs": "1 GPU"}
+    real = copy.deepcopy(pairs[1].real)
+    real.summary["run"]["batching"] = "static"
+    pairs = [pairs[0], dataclasses.replace(pairs[1], real=real)]
+    rows = compare_all(pairs)
+    groups = group_stats(pairs, rows)
+    assert list(groups["kind"]) == ["batching", "batching"] and list(groups["group"]) == ["continuous", "static"]
+    for g, p in zip(groups.itertuples(), pairs):
+        for m in ("ttft_p50", "tpot_p50", "output_tokens_per_s"):
+            err = rows[(rows["config"] == p.config) & (rows["metric"] == m)]["abs_rel_err"].iloc[0]
+            assert getattr(g, f"{m}_median_abs") == pytest.approx(err) == getattr(g, f"{m}_p90_abs")
+    md = "\n".join(_groups(groups))
+    assert "## By group" in md and "| batching | static | 1 |" in md

@@ -133,6 +133,44 @@ def fidelity_stats(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=cols)
 
 
+def config_groups(pair: Pair) -> dict[str, str]:
+    """What a config is, for grouping errors: the model and dtype the real run ran, whether every layer was
+    resident or some were streamed (``backend.gpu_budget_gib``), the batching policy, the GPU count."""
+    run = pair.real.summary.get("run") or {}
+    cfg = pair.real.config
+    budget = (cfg.get("backend") or {}).get("gpu_budget_gib")
+    par = str(run.get("parallel", ""))
+    gpus = "2 GPUs" if "pp2" in par or "tp2" in par else "1 GPU"
+    return {"model": f"{run.get('model', '?')} {run.get('dtype', '')}".strip(),
+            "weights": "all resident" if budget is None else f"streamed ({float(budget):g} GiB budget)",
+            "batching": str(run.get("batching", "?")), "GPUs": gpus}
+
+
+GROUP_METRICS = ("ttft_p50", "tpot_p50", "output_tokens_per_s")
+
+
+def group_stats(pairs: list[Pair], rows: pd.DataFrame, metrics: tuple[str, ...] = GROUP_METRICS) -> pd.DataFrame:
+    """Median and p90 |relative error| of ``metrics`` per group of every ``config_groups`` kind that has more
+    than one group: where the simulator misses, by what the configs have in common."""
+    groups = {p.config: config_groups(p) for p in pairs}
+    out = []
+    kinds = sorted({k for g in groups.values() for k in g}, key=list(next(iter(groups.values()), {})).index)
+    for kind in kinds:
+        values = sorted({g[kind] for g in groups.values()})
+        if len(values) < 2:
+            continue
+        for value in values:
+            configs = [c for c, g in groups.items() if g[kind] == value]
+            row: dict[str, Any] = {"kind": kind, "group": value, "configs": len(configs)}
+            for m in metrics:
+                e = pd.to_numeric(rows[(rows["metric"] == m) & rows["config"].isin(configs)]["abs_rel_err"],
+                                  errors="coerce").dropna()
+                row[f"{m}_median_abs"] = float(e.median()) if len(e) else float("nan")
+                row[f"{m}_p90_abs"] = float(np.percentile(e, 90)) if len(e) else float("nan")
+            out.append(row)
+    return pd.DataFrame(out)
+
+
 def load_pairs(root: Path | str, real: str = "torch", sim: str = "sim") -> tuple[list[Pair], dict[str, str]]:
     """Pairs of ``root/<config>/<sim>/`` and ``root/<config>/<real>/`` where both runs are ok,
     and for every other config folder the reason it has no pair."""
@@ -289,6 +327,10 @@ def fidelity_report(pairs: list[Pair], out_dir: Path | str, missing: dict[str, s
     spread = cost_spread(pairs, out)
     if len(spread):
         spread.to_csv(out / "fidelity_cost_spread.csv", index=False)
+    groups = group_stats(pairs, rows)
+    if len(groups):
+        groups.to_csv(out / "fidelity_groups.csv", index=False)
     path = out / "fidelity.md"
-    path.write_text(write_markdown(pairs, rows, stats, dec, costs, missing or {}, noise, spread), encoding="utf-8")
+    path.write_text(write_markdown(pairs, rows, stats, dec, costs, missing or {}, noise, spread, groups),
+                    encoding="utf-8")
     return path

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from wicore.fidelity import MEDIAN_TARGET, P90_TARGET, TARGET_METRICS, label, time_components
+from wicore.fidelity import GROUP_METRICS, MEDIAN_TARGET, P90_TARGET, TARGET_METRICS, label, time_components
 from wicore.report import fmt, md_table
 
 if TYPE_CHECKING:
@@ -155,6 +155,20 @@ def _per_config(pairs: list[Pair], rows: pd.DataFrame, dec: pd.DataFrame) -> lis
                       "largest component (sim - real)"], body), ""]
 
 
+def _groups(groups: pd.DataFrame) -> list[str]:
+    body = []
+    for r in groups.itertuples(index=False):
+        d = r._asdict()
+        cells = [f"{_apct(d[f'{m}_median_abs'])} / {_apct(d[f'{m}_p90_abs'])}" for m in GROUP_METRICS]
+        ok = all(d[f"{m}_median_abs"] <= MEDIAN_TARGET and d[f"{m}_p90_abs"] <= P90_TARGET for m in GROUP_METRICS)
+        body.append([str(d["kind"]), str(d["group"]), str(int(d["configs"])), *cells, "yes" if ok else "no"])
+    return ["## By group", "",
+            "Median / p90 of |sim - real| / real over the configs of each group, for every way the configs "
+            "differ ([fidelity_groups.csv](fidelity_groups.csv)): where the targets hold and where they do not.", "",
+            md_table(["kind", "group", "configs", *(label(m) for m in GROUP_METRICS),
+                      f"all <= {MEDIAN_TARGET:.0%} / {P90_TARGET:.0%}"], body), ""]
+
+
 def _noise(noise: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
     """The real runtime against itself (each config run twice), next to the simulator's error."""
     sim = {str(r["metric"]): r for _, r in stats.iterrows()}
@@ -195,7 +209,7 @@ def _spread(spread: pd.DataFrame) -> list[str]:
 
 def write_markdown(pairs: list[Pair], rows: pd.DataFrame, stats: pd.DataFrame, dec: pd.DataFrame,
                    costs: pd.DataFrame, missing: dict[str, str], noise: pd.DataFrame | None = None,
-                   spread: pd.DataFrame | None = None) -> str:
+                   spread: pd.DataFrame | None = None, groups: pd.DataFrame | None = None) -> str:
     sim_hw = sorted({str(x) for x in rows["sim_hardware"].dropna().unique()}) if len(rows) else []
     real_hw = sorted({str(x) for x in rows["real_hardware"].dropna().unique()}) if len(rows) else []
     md = ["# Simulator fidelity: backend=sim vs the real runtime", "",
@@ -204,6 +218,8 @@ def write_markdown(pairs: list[Pair], rows: pd.DataFrame, stats: pd.DataFrame, d
           "Relative error = (sim - real) / real. All rows: [fidelity.csv](fidelity.csv); statistics: "
           "[fidelity_summary.csv](fidelity_summary.csv).", ""]
     md += _targets(stats)
+    if groups is not None and len(groups):
+        md += _groups(groups)
     if noise is not None and len(noise):
         md += _noise(noise, stats)
     md += _worst(rows)
