@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pp-fidelity | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -221,6 +221,20 @@ for d in sorted(glob.glob(sys.argv[1] + "/engine_graphs_*")):
     print(d.rsplit("/", 1)[1], f"{s['output_tokens_per_s']:.1f} tok/s  TPOT p50 {s['tpot_p50'] * 1e3:.2f} ms  "
           f"TTFT p50 {s['ttft_p50'] * 1e3:.1f} ms")
 PY
+    ;;
+  pp-fidelity)
+    # 2 GPUs: whole pipeline steps for the grid's pp2 entries, then those entries on the real runtime (same lease).
+    # On the CPU VM afterwards: validate --backends sim --calibration-2gpu <merged pp2 table> --only '*pp2'
+    mkdir -p "$R/calibration"
+    for md in gemma3-1b:bf16:200 tiny-gemma3:fp32:100; do
+      IFS=: read -r m d limit <<< "$md"
+      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda --pp 2 --grid reps=12 \
+        --grid rounds=3 --out "$R/calibration/${m}_${d}_pp2.csv" > "$R/calibration/log_${m}_${d}_pp2.txt" 2>&1
+      tail -1 "$R/calibration/log_${m}_${d}_pp2.txt"; date
+    done
+    timeout 200 python3 -m experiments.validate --backends torch --only '*pp2' --out "$R/validation" --repeat \
+      > "$R/validate_log.txt" 2>&1
+    grep -E "^\[|runs ok" "$R/validate_log.txt" | tail -12; date
     ;;
   pp)
     timeout 300 python3 benchmarks/gpu_pipeline.py --out "$R/gpu_pipeline" > "$R/pipeline_log.txt" 2>&1

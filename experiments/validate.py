@@ -1,8 +1,8 @@
 """Validation grid: the same configs on backend=torch and backend=sim, then the fidelity report.
 
     python -m experiments.validate --backends torch,sim --out DIR [--only NAME,...] [--skip-2gpu]
-        [--hardware h100] [--hardware-2gpu h100x2] [--calibration CSV] [--extra OVERRIDE ...]
-        [--torch-extra OVERRIDE ...] [--repeat]
+        [--hardware h100] [--hardware-2gpu h100x2] [--calibration CSV] [--calibration-2gpu CSV]
+        [--extra OVERRIDE ...] [--torch-extra OVERRIDE ...] [--repeat]
     python -m experiments.validate --report-only DIR
 
 Each grid entry (``conf/validation/grid.yaml``) runs on each backend in this process
@@ -67,6 +67,11 @@ class Options:
     warmup: bool = True  # one throw-away torch run first (CUDA context, kernels, allocator)
     torch_extra: tuple[str, ...] = ()  # appended to the torch side only (e.g. backend.cuda_graphs=true)
     repeat: bool = False  # run the torch side twice (the second into <config>/torch_repeat/): measurement noise
+    calibration_2gpu: str | None = None  # table of the 2-GPU entries (`wicore profile --pp 2`); None: roofline
+
+    def table(self, gpus: int) -> str | None:
+        """The sim side's calibration table for an entry on ``gpus`` GPUs (a 1-GPU table never costs a pipeline)."""
+        return self.calibration if gpus == 1 else self.calibration_2gpu
 
     @property
     def hw2(self) -> str:
@@ -147,8 +152,8 @@ def run_overrides(entry: GridConfig, backend: str, opts: Options) -> list[str]:
             side.append("parallel=pp")
         if entry.gpu_budget_gib is not None:
             side.append(f"hardware.gpu.memory_gib={entry.gpu_budget_gib}")
-        if opts.calibration:
-            side.append(f"backend.calibration={opts.calibration}")
+        if opts.table(entry.gpus):
+            side.append(f"backend.calibration={opts.table(entry.gpus)}")
     elif backend == "torch":
         side = ["backend=torch"]
         if entry.gpus == 2:
@@ -228,16 +233,19 @@ def check_options(opts: Options, backends: list[str]) -> Options:
         for hw in (opts.hardware, opts.hw2):
             if not (CONF / "hardware" / f"{hw}.yaml").is_file():
                 raise ConfigError(f"--hardware / --hardware-2gpu: no profile conf/hardware/{hw}.yaml")
-    if opts.calibration:
-        cal = Path(opts.calibration).resolve()
+    for flag, field in (("--calibration", "calibration"), ("--calibration-2gpu", "calibration_2gpu")):
+        value = getattr(opts, field)
+        if not value:
+            continue
+        cal = Path(value).resolve()
         if not cal.is_file():
-            raise ConfigError(f"--calibration: {opts.calibration} is not a file")
+            raise ConfigError(f"{flag}: {value} is not a file")
         if "sim" in backends:
             base = compose(["experiment=validation"])
             if "calibration" not in base.backend:
-                raise ConfigError("--calibration: this checkout's backend=sim config has no `calibration` field "
-                                  "(conf/backend/sim.yaml), so the table would be ignored; drop --calibration")
-        opts = replace(opts, calibration=str(cal))
+                raise ConfigError(f"{flag}: this checkout's backend=sim config has no `calibration` field "
+                                  "(conf/backend/sim.yaml), so the table would be ignored; drop it")
+        opts = replace(opts, calibration=str(cal)) if field == "calibration" else replace(opts, calibration_2gpu=str(cal))
     return opts
 
 
@@ -300,7 +308,7 @@ def run_one(entry: GridConfig, backend: str, cfg: DictConfig | None, overrides: 
                             "gpu_budget_gib": entry.gpu_budget_gib, "overrides": overrides}
     if backend == "sim":
         meta["hardware_profile"] = opts.hardware if entry.gpus == 1 else opts.hw2
-        meta["calibration"] = opts.calibration
+        meta["calibration"] = opts.table(entry.gpus)
     t0 = time.perf_counter()
     out = Outcome(entry.name, backend, "ok")
     try:
@@ -382,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-2gpu", action="store_true", help="leave out the gpus: 2 subset")
     ap.add_argument("--hardware", default="h100", help="sim profile of the GPU machine (conf/hardware/)")
     ap.add_argument("--hardware-2gpu", default=None, help="sim profile for 2-GPU entries (default <hardware>x2)")
-    ap.add_argument("--calibration", default=None, help="calibration table (CSV) for the sim side")
+    ap.add_argument("--calibration", default=None, help="calibration table (CSV) for the sim side (1-GPU entries)")
+    ap.add_argument("--calibration-2gpu", default=None,
+                    help="calibration table for the 2-GPU entries (`wicore profile --pp 2`); without it they run on "
+                         "the roofline")
     ap.add_argument("--extra", nargs="+", action="extend", default=[], metavar="OVERRIDE",
                     help="Hydra overrides appended to every run on both backends")
     ap.add_argument("--torch-extra", nargs="+", action="extend", default=[], metavar="OVERRIDE",
@@ -410,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if not entries:
             raise ConfigError("--only / --skip-2gpu: no grid config left to run")
         opts = Options(args.hardware, args.hardware_2gpu, args.calibration, tuple(args.extra),
-                       not args.no_warmup, tuple(args.torch_extra), args.repeat)
+                       not args.no_warmup, tuple(args.torch_extra), args.repeat, args.calibration_2gpu)
         results = run_grid(entries, backends, args.out, opts)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -53,6 +53,12 @@ smallest length bucket >= T, the length the runtime pads it to, unless the
 padded chunk would pass the table's ``max_len`` (the runtime then runs it
 eagerly, and it is looked up at T).
 
+Pipeline parallel: a table profiled with ``wicore profile --pp N`` (meta ``pp: N``)
+holds whole steps through the pipeline backend, every stage and every send in
+them; a run with ``parallel.pp=N`` costs its steps from those rows exactly as
+above (the roofline only spreads the measured time over the layers). Any other
+``tp`` / ``pp`` than the table's is refused at start-up.
+
 A subclass rather than a flag on ``CostModel``: without a table the simulator
 keeps the plain class, so roofline runs stay bit-identical and the hot path of
 ``CostModel.step`` is untouched.
@@ -109,14 +115,17 @@ class CalibratedCostModel(CostModel):
                  kernels_per_layer: int = 12, measure_attention: bool = False,
                  links: dict[str, Any] | None = None, max_num_seqs: int | None = None) -> None:
         super().__init__(model, hw, tp=tp, pp=pp, kernels_per_layer=kernels_per_layer)
-        if tp * pp != 1:
-            raise ConfigError(f"backend.calibration: a calibration table holds single-GPU forwards, but the run "
-                              f"uses parallel tp={tp} pp={pp}; set parallel.replicas to the GPU count "
-                              "(tp=pp=1) or drop the table")
+        name, dtype = model.name, model.dtype
+        meta = table.meta_for(name, dtype)  # a merged table keeps each model's run shape
+        measured_pp = int(meta.get("pp") or 1)
+        if tp != 1 or pp != measured_pp:
+            how = "`wicore profile` without --pp" if pp == 1 else f"`wicore profile --pp {pp}` on {pp} GPUs"
+            raise ConfigError(f"backend.calibration: the table's steps were measured with pp={measured_pp} (tp=1), but "
+                              f"the run uses parallel tp={tp} pp={pp}; use a table of the run's shape ({how}), set "
+                              "parallel.replicas to the GPU count (tp=pp=1) or drop the table")
         self.table = table
         self.measure_attention = measure_attention
         self.links = links or {}  # link figures the table replaced (``measured_links``)
-        name, dtype = model.name, model.dtype
         # the attention-mass variant when the run measures attention (plain decode_forward stands in for
         # it when the table lacks it: the read-back of the mass is then not costed, and sources() says so)
         self.decode_op = "decode_forward"
@@ -129,7 +138,6 @@ class CalibratedCostModel(CostModel):
         self.whole_prefill = table.has("prefill_step", name, dtype)
         self.pair_prefill = self.whole_prefill and table.has("prefill_step_pair", name, dtype)
         # CUDA-graph decode: a batch of B rows runs (and costs) the bucket >= B
-        meta = table.meta_for(name, dtype)  # a merged table keeps each model's run shape
         self.cuda_graphs = bool(meta.get("cuda_graphs", False))
         self.buckets = default_buckets(max_num_seqs) if self.cuda_graphs and max_num_seqs else ()
         # CUDA-graph prefill: a chunk runs (and costs) its length bucket while the padded chunk fits max_len
@@ -262,7 +270,7 @@ class CalibratedCostModel(CostModel):
         return {"calibrated": True, "table": self.table.describe(), "model": name, "dtype": dtype,
                 "measure_attention": self.measure_attention, "steps": self.steps, "ops": ops,
                 "whole_steps": used, "cuda_graphs": self.cuda_graphs, "graph_buckets": list(self.buckets),
-                "prefill_graph_buckets": list(self.prefill_buckets),
+                "prefill_graph_buckets": list(self.prefill_buckets), "pp": self.pp,
                 "links": self.links}
 
 

@@ -351,7 +351,7 @@ class CalibrationTable:
 
 # meta keys that say how a model's rows were measured (and so how the simulator reads them): a merged table
 # keeps them per input in ``merged_from``, and ``CalibrationTable.meta_for`` returns a model's own
-RUN_SHAPE_KEYS = ("cuda_graphs", "prefill_graph_buckets", "max_len", "page_tokens", "gpu_budget_gib")
+RUN_SHAPE_KEYS = ("cuda_graphs", "prefill_graph_buckets", "max_len", "page_tokens", "gpu_budget_gib", "pp")
 
 
 def merge_tables(inputs: Sequence[str | Path], out: str | Path) -> Path:

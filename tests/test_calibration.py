@@ -504,3 +504,35 @@ def test_merge_tables_keeps_each_models_run_shape(tmp_path):
     with pytest.raises(ConfigError, match="measured differently"):
         merge_tables([a, c], tmp_path / "x.csv")
     assert main(["merge-tables", str(tmp_path / "x.csv"), str(a), str(c)]) == 2
+
+
+def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_one_thread):
+    """profile --pp 2 times whole steps through the pipeline backend (two ranks on the CPU here); the calibrated
+    simulator then takes it for parallel=pp runs, a decode step costing exactly the measured step, and refuses
+    it for one GPU (and a one-GPU table for a pipeline)."""
+    from dataclasses import replace
+
+    from wicore.runtime.profiler import ProfileGrid, profile
+    from wicore.types import BatchItem, Phase
+
+    grid = replace(ProfileGrid.quick(), decode_batches=(1, 2), decode_contexts=(16,), prefill_tokens=(16,),
+                   prefill_context_points=(), reps=2, warmup=1, rounds=1)
+    path = profile("tiny-gemma3", "cpu", tmp_path / "pp2.csv", grid, pp=2, log=lambda m: None)
+    t = CalibrationTable.load(path)
+    assert t.meta["pp"] == 2 and t.meta["devices"] == ["cpu", "cpu"] and not t.meta["cuda_graphs"]
+    assert set(t.ops()) == {"decode_step", "decode_step_mass", "prefill_step", "prefill_step_pair"}
+    pp_cfg = ["hardware=h100x2", "parallel=pp", "model=tiny-gemma3", "report.enabled=false", "progress=false",
+              f"backend.calibration={path}", *SMALL]
+    cost = build_sim(make_cfg(*pp_cfg)).cost
+    rows = {(r["op"], r["batch"], r["tokens"], r["context"]): r["seconds"] for r in t.rows}
+    two = [BatchItem(i, Phase.DECODE, 1, 16, True) for i in range(2)]
+    assert _close(cost.step(two).compute_s, rows[("decode_step_mass", 2, 0, 16)])
+    pair = [BatchItem(i, Phase.PREFILL, 16, 0, True) for i in range(2)]
+    assert _close(cost.step(pair).compute_s, rows[("prefill_step_pair", 2, 16, 0)])
+    assert cost.sources()["pp"] == 2
+    with pytest.raises(ConfigError, match="measured with pp=2.*without --pp"):
+        build_sim(make_cfg(*BASE[:-1], f"backend.calibration={path}", *SMALL))
+    with pytest.raises(ConfigError, match="--pp 2"):
+        build_sim(make_cfg(*pp_cfg[:-len(SMALL) - 1], f"backend.calibration={TABLE}", *SMALL))
+    with pytest.raises(ConfigError, match="--cuda-graphs"):
+        profile("tiny-gemma3", "cpu", tmp_path / "x.csv", grid, pp=2, cuda_graphs=True)

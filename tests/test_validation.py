@@ -115,9 +115,16 @@ def test_calibration_and_hardware_reach_only_the_sim_side(tmp_path):
     g = next(e for e in load_grid() if e.gpus == 2)
     table = tmp_path / "cal.csv"
     table.write_text("op,seconds\n")
-    opts = Options(hardware="a100_80g", hardware_2gpu="h100x2", calibration=str(table))
+    one = next(e for e in load_grid() if e.gpus == 1)
+    table2 = tmp_path / "cal_pp2.csv"
+    table2.write_text("op,seconds\n")
+    opts = Options(hardware="a100_80g", hardware_2gpu="h100x2", calibration=str(table), calibration_2gpu=str(table2))
     sim, real = run_overrides(g, "sim", opts), run_overrides(g, "torch", opts)
-    assert f"backend.calibration={table}" in sim and not any("calibration" in o for o in real)
+    # a 2-GPU entry gets the --calibration-2gpu table (a pipeline's steps), a 1-GPU entry the --calibration one
+    assert f"backend.calibration={table2}" in sim and not any("calibration" in o for o in real)
+    assert f"backend.calibration={table}" in run_overrides(one, "sim", opts)
+    no_pp_table = run_overrides(g, "sim", Options(calibration=str(table)))
+    assert not any("calibration" in o for o in no_pp_table)  # a 1-GPU table never costs a pipeline
     assert "hardware=h100x2" in sim and "parallel=pp" in sim and "parallel=pp" in real
     assert not any(o.startswith("hardware") for o in real)
     with hydra_context():
@@ -128,6 +135,8 @@ def test_calibration_and_hardware_reach_only_the_sim_side(tmp_path):
                 check_options(opts, ["sim"])
         with pytest.raises(ConfigError, match="--calibration"):
             check_options(Options(calibration=str(tmp_path / "missing.csv")), ["sim"])
+        with pytest.raises(ConfigError, match="--calibration-2gpu"):
+            check_options(Options(calibration_2gpu=str(tmp_path / "missing.csv")), ["sim"])
         with pytest.raises(ConfigError, match="hardware"):
             check_options(Options(hardware="nope"), ["sim"])
 

@@ -154,27 +154,39 @@ def _auto_dtype(dtype: str | None, device: torch.device) -> str | None:
     return "fp32"
 
 
-def load_model(source: ModelSpec | str | Path, device: torch.device, dtype: str | None = None,
-               seed: int = 0) -> tuple[Transformer, ModelSpec, str]:
-    """(model, spec, description) from a ModelSpec (random weights), a checkpoint directory, a model config
-    name of ``conf/model`` or the path of such a YAML file."""
+def resolve_spec(source: ModelSpec | str | Path, device: torch.device,
+                 dtype: str | None = None) -> tuple[ModelSpec, str, Path | None]:
+    """(spec, description, checkpoint directory or None) of a ModelSpec, a checkpoint directory, a model config
+    name of ``conf/model`` or the path of such a YAML file; nothing is built."""
     if isinstance(source, ModelSpec):
         spec = source if dtype in (None, "auto") else source.with_dtype(str(dtype))
-        return build_model(spec, device, spec.dtype, seed=seed), spec, f"spec {spec.name} (random weights)"
+        return spec, f"spec {spec.name} (random weights)", None
     path = Path(source)
     if path.is_dir():
-        from wicore.model.checkpoint import load_checkpoint
+        from wicore.model.checkpoint import spec_from_checkpoint
 
-        model, spec = load_checkpoint(path, device=device, dtype=_auto_dtype(dtype, device))
-        return model.eval(), spec, f"checkpoint {path}"
+        dt = _auto_dtype(dtype, device)
+        return spec_from_checkpoint(str(path), dt or "auto"), f"checkpoint {path}", path
     yml = path if path.suffix in (".yaml", ".yml") else REPO_ROOT / "conf" / "model" / f"{source}.yaml"
     if not yml.is_file():
         raise ConfigError(f"profile --model: '{source}' is neither a checkpoint directory nor a model config "
                           f"(looked for {yml}); use a name of conf/model/ or a checkpoint path")
     data = yaml.safe_load(yml.read_text())
     data["dtype"] = _auto_dtype(dtype if dtype not in (None, "auto") else data.get("dtype", "auto"), device)
-    spec = ModelSpec.from_config(data)
-    return build_model(spec, device, spec.dtype, seed=seed), spec, f"config {yml.name} (random weights)"
+    return ModelSpec.from_config(data), f"config {yml.name} (random weights)", None
+
+
+def load_model(source: ModelSpec | str | Path, device: torch.device, dtype: str | None = None,
+               seed: int = 0) -> tuple[Transformer, ModelSpec, str]:
+    """(model, spec, description) from a ModelSpec (random weights), a checkpoint directory, a model config
+    name of ``conf/model`` or the path of such a YAML file."""
+    spec, description, checkpoint = resolve_spec(source, device, dtype)
+    if checkpoint is not None:
+        from wicore.model.checkpoint import load_checkpoint
+
+        model, spec = load_checkpoint(checkpoint, device=device, dtype=_auto_dtype(dtype, device))
+        return model.eval(), spec, description
+    return build_model(spec, device, spec.dtype, seed=seed), spec, description
 
 
 def _stream(model: Transformer, spec: ModelSpec, device: torch.device, budget_gib: float,
@@ -440,7 +452,8 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
             grid: ProfileGrid | None = None, quick: bool = False, *, dtype: str | None = None,
             name: str | None = None, max_len: int = 2048, page_tokens: int = 16, seed: int = 0,
             threads: int | None = None, disk_dir: str | Path | None = None, log: Log | None = None,
-            cuda_graphs: bool = False, gpu_budget_gib: float | None = None, prefill_graphs: bool = False) -> Path:
+            cuda_graphs: bool = False, gpu_budget_gib: float | None = None, prefill_graphs: bool = False,
+            pp: int = 1) -> Path:
     """Measure the runtime's ops for a model on ``device`` and write ``out_csv`` + ``<out_csv>.meta.json``.
 
     ``grid``: the points (default: ``ProfileGrid()``, or ``ProfileGrid.quick()`` with ``quick``);
@@ -453,7 +466,8 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
     GPU budget of the runs to mirror (``backend.gpu_budget_gib``): the layers the static placement streams
     under it are streamed from host memory, as the runtime does, so forwards and whole steps include the
     streaming (its copies and its host cost); ``prefill_graphs``: prefill steps through the prefill graphs
-    as runs with ``backend.prefill_graphs=true`` do."""
+    as runs with ``backend.prefill_graphs=true`` do; ``pp`` > 1: whole pipeline-parallel steps on ``pp`` ranks from
+    ``device`` on (``wicore.runtime.profile_pipeline``), as runs with ``parallel.pp`` do."""
     t_start = time.perf_counter()
     dev = resolve_device(device) if isinstance(device, str) else device
     threads_before = torch.get_num_threads()
@@ -463,7 +477,7 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
         torch.set_num_threads(threads)
     try:
         return _profile(spec_or_checkpoint, dev, out_csv, grid, quick, dtype, name, max_len, page_tokens, seed,
-                        disk_dir, log, t_start, cuda_graphs, gpu_budget_gib, prefill_graphs)
+                        disk_dir, log, t_start, cuda_graphs, gpu_budget_gib, prefill_graphs, pp)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -471,7 +485,8 @@ def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.devi
 def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_csv: str | Path,
              grid: ProfileGrid | None, quick: bool, dtype: str | None, name: str | None, max_len: int,
              page_tokens: int, seed: int, disk_dir: str | Path | None, log: Log | None, t_start: float,
-             cuda_graphs: bool = False, gpu_budget_gib: float | None = None, prefill_graphs: bool = False) -> Path:
+             cuda_graphs: bool = False, gpu_budget_gib: float | None = None, prefill_graphs: bool = False,
+             pp: int = 1) -> Path:
     say: Log = log or (lambda msg: print(f"[profile] {msg}", file=sys.stderr))
     g = grid or (ProfileGrid.quick() if quick else ProfileGrid())
     if g.reps < 1 or g.warmup < 0:
@@ -479,6 +494,24 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     if gpu_budget_gib is not None and (cuda_graphs or prefill_graphs):
         raise ConfigError("profile: --cuda-graphs / --prefill-graphs with --gpu-budget-gib: the runtime runs a model "
                           "with streamed layers eagerly; drop the graph flags")
+    if pp < 1:
+        raise ConfigError(f"profile --pp: must be >= 1, got {pp}")
+    if pp > 1:
+        if cuda_graphs or prefill_graphs or gpu_budget_gib is not None:
+            raise ConfigError(f"profile --pp {pp}: the pipeline runs its stages eagerly with every layer resident; drop "
+                              "--cuda-graphs, --prefill-graphs and --gpu-budget-gib")
+        from wicore.runtime.profile_pipeline import profile_pipeline
+
+        spec, source, checkpoint = resolve_spec(spec_or_checkpoint, dev, dtype)
+        max_len = min(int(max_len), spec.max_context)
+        rows, extra = profile_pipeline(spec, checkpoint, dev, pp, g, name or spec.name, max_len, page_tokens, seed,
+                                       say)
+        meta = {**_run_meta(dev, name or spec.name, source, spec.dtype, max_len, page_tokens, quick, g, t_start),
+                **extra, "cuda_graphs": False, "prefill_graph_buckets": None, "gpu_budget_gib": None,
+                "device_name": rows[0]["device_name"], "summary": {}}
+        path = CalibrationTable.write(out_csv, rows, meta)
+        say(f"wrote {len(rows)} rows to {path} in {meta['profile_s']} s")
+        return path
     model, spec, source = load_model(spec_or_checkpoint, dev, dtype, seed)
     max_len = min(int(max_len), spec.max_context)
     notes: dict[str, Any] = {}
@@ -511,17 +544,24 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
             run.rows += copies
             disk, notes["disk_read"] = profile_disk(g.disk_sizes, max(3, g.reps // 4), dname, disk_dir)
             run.rows += disk
-    meta = {"torch_version": torch.__version__, "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(
-        timespec="seconds"), "device": str(dev), "device_name": dname, "model": run.name, "source": source,
-        "dtype": spec.dtype, "max_len": max_len, "kv_slots": slots, "page_tokens": page_tokens,
-        "cuda_graphs": bool(cuda_graphs),
-        "prefill_graph_buckets": list(prefill_buckets(max_len)) if prefill_graphs else None, "gpu_budget_gib": gpu_budget_gib, "streamed_layers": streamed,
-        "cuda": torch.version.cuda, "host": platform.platform(), "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "quick": quick, "grid": asdict(g), "skipped": skipped,
-        "notes": notes, "summary": summarize(run.rows), "profile_s": round(time.perf_counter() - t_start, 2)}
+    meta = {**_run_meta(dev, run.name, source, spec.dtype, max_len, page_tokens, quick, g, t_start),
+            "device_name": dname, "kv_slots": slots, "cuda_graphs": bool(cuda_graphs), "pp": 1,
+            "prefill_graph_buckets": list(prefill_buckets(max_len)) if prefill_graphs else None,
+            "gpu_budget_gib": gpu_budget_gib, "streamed_layers": streamed, "skipped": skipped, "notes": notes,
+            "summary": summarize(run.rows)}
     path = CalibrationTable.write(out_csv, run.rows, meta)
     say(f"wrote {len(run.rows)} rows to {path} in {meta['profile_s']} s")
     return path
+
+
+def _run_meta(dev: torch.device, name: str, source: str, dtype: str, max_len: int, page_tokens: int, quick: bool,
+              grid: ProfileGrid, t_start: float) -> dict[str, Any]:
+    """The meta entries every table has: what was measured, where, with which software, and how long it took."""
+    return {"torch_version": torch.__version__, "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(
+        timespec="seconds"), "device": str(dev), "model": name, "source": source, "dtype": dtype, "max_len": max_len,
+        "page_tokens": page_tokens, "cuda": torch.version.cuda, "host": platform.platform(),
+        "python": platform.python_version(), "threads": torch.get_num_threads(), "quick": quick, "grid": asdict(grid),
+        "profile_s": round(time.perf_counter() - t_start, 2)}
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -580,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode through CUDA graphs, as runs with backend.cuda_graphs=true do")
     ap.add_argument("--prefill-graphs", action="store_true",
                     help="prefill through CUDA graphs (length buckets), as runs with backend.prefill_graphs=true do")
+    ap.add_argument("--pp", type=int, default=1,
+                    help="pipeline stages: whole steps of a run with parallel.pp=N on N GPUs from --device on")
     ap.add_argument("--gpu-budget-gib", type=float, default=None,
                     help="GPU budget of the runs to mirror (backend.gpu_budget_gib): stream what does not fit")
     ap.add_argument("--grid", action="append", default=[], metavar="FIELD=VALUES",
@@ -596,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile(args.model, args.device, args.out, grid, quick=args.quick, dtype=args.dtype, name=args.name,
                 max_len=args.max_len, threads=args.threads, disk_dir=args.disk_dir, cuda_graphs=args.cuda_graphs,
-                gpu_budget_gib=args.gpu_budget_gib, prefill_graphs=args.prefill_graphs)
+                gpu_budget_gib=args.gpu_budget_gib, prefill_graphs=args.prefill_graphs, pp=args.pp)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
