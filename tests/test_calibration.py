@@ -516,11 +516,12 @@ def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_on
     from wicore.types import BatchItem, Phase
 
     grid = replace(ProfileGrid.quick(), decode_batches=(1, 2), decode_contexts=(16,), prefill_tokens=(16,),
-                   prefill_context_points=(), reps=2, warmup=1, rounds=1)
+                   prefill_context_points=(), reps=2, warmup=1, rounds=1, overhead_batches=(1, 2, 4), overhead_steps=4)
     path = profile("tiny-gemma3", "cpu", tmp_path / "pp2.csv", grid, pp=2, log=lambda m: None)
     t = CalibrationTable.load(path)
     assert t.meta["pp"] == 2 and t.meta["devices"] == ["cpu", "cpu"] and not t.meta["cuda_graphs"]
-    assert set(t.ops()) == {"decode_step", "decode_step_mass", "prefill_step", "prefill_step_pair"}
+    assert set(t.ops()) == {"decode_step", "decode_step_mass", "prefill_step", "prefill_step_pair", "step_overhead"}
+    assert {r["batch"] for r in t.rows if r["op"] == "step_overhead"} == {1, 2}
     pp_cfg = ["hardware=h100x2", "parallel=pp", "model=tiny-gemma3", "report.enabled=false", "progress=false",
               f"backend.calibration={path}", *SMALL]
     cost = build_sim(make_cfg(*pp_cfg)).cost

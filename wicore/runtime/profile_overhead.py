@@ -104,11 +104,18 @@ def measure_step_gaps(model: Transformer, cache: KVCache, batch: int, steps: int
     if cache.max_slots - int(cuda_graphs) < batch or cache.max_len < prompt_tokens + output:
         raise ValueError(f"step gaps: the cache ({cache.max_slots} slots of {cache.max_len}) cannot hold "
                          f"{batch} requests of {prompt_tokens + output} tokens")
-    engine, wl = _engine(model.spec, batch, prompt_tokens, output, page_tokens)
     cache.reset()
-    t0 = time.perf_counter()
-    backend = TorchBackend(model, cache, t0, measure_attention=measure_attention, page_tokens=page_tokens,
-                           cuda_graphs=cuda_graphs)
+    backend = TorchBackend(model, cache, time.perf_counter(), measure_attention=measure_attention,
+                           page_tokens=page_tokens, cuda_graphs=cuda_graphs)
+    return measure_gaps_on(backend, model.spec, batch, steps, warmup, prompt_tokens, page_tokens)
+
+
+def measure_gaps_on(backend: TorchBackend, spec: ModelSpec, batch: int, steps: int = 30, warmup: int = 3,
+                    prompt_tokens: int = 16, page_tokens: int = 16) -> list[float]:
+    """``measure_step_gaps`` on a given backend (a ``PipelineBackend`` too), which must hold no request with an
+    id below ``batch`` and have ``batch`` free KV slots; its clock restarts here."""
+    engine, wl = _engine(spec, batch, prompt_tokens, steps + warmup + 2, page_tokens)
+    t0 = backend.t0 = time.perf_counter()
     TorchDriver(engine, backend, wl, t0).run()
     st = engine.recorder.frames()[1]
     start, end = st["start"].tolist(), st["end"].tolist()

@@ -9,13 +9,15 @@ itself, through ``PipelineBackend.execute`` on the ranks a run with ``parallel.p
 * ``decode_step`` (pipeline launched with ``measure_attention=false``) and ``decode_step_mass`` (launched
   again with it on: the mass is summed across stages), batch x context;
 * ``prefill_step`` and ``prefill_step_pair`` (one and two prefill items), tokens x context;
+* ``step_overhead`` (running sequences): the host time between two decode steps of the real driver and
+  engine on the pipeline backend (``profile_overhead.measure_gaps_on``);
 
 each timed by the interval the step reports, in interleaved rounds (``timing.interleaved``), as the
 single-GPU whole steps are (``wicore.runtime.profiler``). The meta records ``pp`` and the devices; the
 calibrated simulator takes a table whose ``pp`` equals the run's ``parallel.pp`` and costs each step as
 the measured whole step (every stage, every send, the sampling on the last rank). Not measured here:
-the host time between steps (``step_overhead``; the simulator then charges none), the sampling alone
-and the forwards alone, and streamed layers (the stages are profiled with every layer resident).
+the sampling alone and the forwards alone, and streamed layers (the stages are profiled with every
+layer resident).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from wicore.errors import ConfigError
 from wicore.model.spec import ModelSpec
+from wicore.runtime.gc_freeze import frozen_gc
 from wicore.runtime.timing import interleaved, point
 from wicore.types import BatchItem, Phase, Request, StepPlan
 
@@ -41,6 +44,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
     """(rows, meta entries) of the whole pipeline steps of ``grid`` (a ``ProfileGrid``) on ``pp`` ranks."""
     from wicore.runtime.pipeline import launch
     from wicore.runtime.pipeline_config import PipelineConfig, pipeline_devices
+    from wicore.runtime.profile_overhead import measure_gaps_on
     from wicore.runtime.profiler import _prefill_timer, _step_timer, device_name
 
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -67,7 +71,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
                              checkpoint=str(checkpoint) if checkpoint is not None else None, measure_attention=mass,
                              page_tokens=page_tokens, threads=torch.get_num_threads())
         log(f"pipeline on {', '.join(devices)}: launching (measure_attention={mass})")
-        with launch(cfg) as be:
+        with launch(cfg) as be, frozen_gc():  # as runs time their steps (backend.gc_freeze)
             be.t0 = time.perf_counter()
             for rid in range(slots):
                 ids = torch.randint(0, spec.vocab_size, (prompt,), generator=g).tolist()
@@ -79,7 +83,15 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
             for (b, c), ts in interleaved(list(plans), _step_timer(be, plans), grid.reps, grid.warmup,
                                           grid.rounds).items():
                 add(op, ts, batch=b, context=c)
-            if not mass:
+            if mass:  # the host time between steps, with the mass measured as runs do by default
+                for rid in range(slots):
+                    be.release(rid)
+                over = [b for b in grid.overhead_batches if b <= slots]
+                log(f"step_overhead (pp={pp}): batch {over}")
+                for b in over:
+                    add("step_overhead", measure_gaps_on(be, spec, b, steps=grid.overhead_steps, warmup=grid.warmup,
+                                                         prompt_tokens=16, page_tokens=page_tokens), batch=b)
+            else:
                 for op, n in (("prefill_step", 1), ("prefill_step_pair", 2)):
                     log(f"{op} (pp={pp}): (tokens, context) {prefill}")
                     for (t, c), ts in interleaved(prefill, _prefill_timer(be, n), grid.reps, grid.warmup,
