@@ -125,7 +125,45 @@ def test_interpolation_is_exact_at_points_and_linear_between(tmp_path):
         assert src == "roofline" and math.isnan(v)
 
 
-# ----- the simulator with the committed table -----------------------------------------------
+# ----- the simulator with the committed tables ----------------------------------------------
+H100_GRAPHS = ROOT / "conf" / "calibration" / "h100_graphs.csv"
+
+
+@pytest.mark.parametrize("model", ["gemma3-1b", "tiny-gemma3"])
+def test_sim_reproduces_every_whole_step_point_of_the_committed_h100_table(model):
+    """The H100 table (CUDA-graph decode and prefill, merged from one profile per model and dtype): every
+    decode_step(_mass) point at a graph bucket and every context-0 prefill_step at a length bucket is costed
+    exactly as measured; one more prefill item adds exactly the measured pair's margin."""
+    from wicore.types import BatchItem, Phase
+
+    t = CalibrationTable.load(H100_GRAPHS)
+    dtype = "bf16" if model == "gemma3-1b" else "fp32"
+    meta = t.meta_for(model, dtype)
+    assert meta["cuda_graphs"] and meta["prefill_graph_buckets"] and "NVIDIA H100" in t.meta["device_name"]
+    base = ["hardware=h100", f"model={model}", f"model.dtype={dtype}", "report.enabled=false", "progress=false",
+            f"backend.calibration={H100_GRAPHS}", "scheduler.max_num_seqs=64", *SMALL]
+    rows = [r for r in t.rows if r["model"] == model and r["dtype"] == dtype]
+    val = {(r["op"], r["batch"], r["tokens"], r["context"]): r["seconds"] for r in rows}
+    checked = 0
+    for mass in (True, False):
+        cost = build_sim(make_cfg(*base, f"backend.measure_attention={str(mass).lower()}")).cost
+        op = "decode_step_mass" if mass else "decode_step"
+        for (o, b, _, c), v in val.items():
+            if o == op:
+                items = [BatchItem(i, Phase.DECODE, 1, c, True) for i in range(b)]
+                assert _close(cost.step(items).compute_s, v), (op, b, c)
+                checked += 1
+    for (o, _, tok, c), v in val.items():
+        if o == "prefill_step" and c == 0:
+            assert _close(cost.step([BatchItem(0, Phase.PREFILL, tok, 0, True)]).compute_s, v), tok
+            two = [BatchItem(i, Phase.PREFILL, tok, 0, True) for i in range(2)]
+            assert _close(cost.step(two).compute_s, val[("prefill_step_pair", 2, tok, 0)]), tok
+            checked += 1
+    assert checked >= 40
+    src = cost.sources()
+    assert src["prefill_graph_buckets"] == meta["prefill_graph_buckets"] and src["cuda_graphs"]
+
+
 @pytest.mark.parametrize("mass", [True, False])
 def test_sim_reproduces_every_profiled_decode_point_within_2_percent(mass):
     """B identical requests with prompt C: the second step is one decode of B rows at context C.
