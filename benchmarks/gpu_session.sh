@@ -17,7 +17,7 @@ R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
 # gemma3-1b bf16 under the grid's two GPU budgets with the streamed layers streamed (the offloaded configs'
-# tables): profile_streamed TIMEOUT [more profile arguments]
+# tables, named without the card: rename them after the card they ran on): profile_streamed TIMEOUT [more args]
 STREAM_GRID="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
   --grid prefill_context_points= --grid overhead_batches=1,4,16 --grid check_points=1:160"
 profile_streamed() {
@@ -25,7 +25,7 @@ profile_streamed() {
   mkdir -p "$R/calibration"
   for b in 4.0 4.5; do
     timeout "$limit" python3 -m wicore.cli profile --model gemma3-1b --dtype bf16 --device cuda --no-primitives \
-      --gpu-budget-gib $b $STREAM_GRID "$@" --out "$R/calibration/h100_gemma3-1b_bf16_gpu${b}g.csv" \
+      --gpu-budget-gib $b $STREAM_GRID "$@" --out "$R/calibration/gemma3-1b_bf16_gpu${b}g.csv" \
       > "$R/calibration/log_gpu${b}g.txt" 2>&1
     tail -1 "$R/calibration/log_gpu${b}g.txt"; date
   done

@@ -224,13 +224,14 @@ def hydra_context() -> Any:
     return initialize_config_dir(str(CONF), version_base="1.3")
 
 
-def check_options(opts: Options, backends: list[str]) -> Options:
-    """Start-up checks of the command line; returns the options with an absolute calibration path."""
+def check_options(opts: Options, backends: list[str], gpus: tuple[int, ...] = (1, 2)) -> Options:
+    """Start-up checks of the command line; returns the options with an absolute calibration path. ``gpus``: the
+    GPU counts of the selected entries (the 2-GPU hardware profile is only needed when 2 is among them)."""
     for b in backends:
         if b not in BACKENDS:
             raise ConfigError(f"--backends: unknown backend '{b}', use {', '.join(BACKENDS)}")
     if "sim" in backends:
-        for hw in (opts.hardware, opts.hw2):
+        for hw in [opts.hardware] * (1 in gpus) + [opts.hw2] * (2 in gpus):
             if not (CONF / "hardware" / f"{hw}.yaml").is_file():
                 raise ConfigError(f"--hardware / --hardware-2gpu: no profile conf/hardware/{hw}.yaml")
     for flag, field in (("--calibration", "calibration"), ("--calibration-2gpu", "calibration_2gpu")):
@@ -340,7 +341,7 @@ def run_grid(entries: list[GridConfig], backends: list[str], out: Path, opts: Op
     Every entry is composed for every backend before the first run (bad overrides stop here)."""
     out = Path(out)
     with hydra_context():
-        opts = check_options(opts, backends)
+        opts = check_options(opts, backends, tuple(sorted({e.gpus for e in entries})))
         cfgs: dict[tuple[str, str], tuple[list[str], DictConfig]] = {}
         composer = Composer()
         for e in entries:

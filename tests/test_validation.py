@@ -139,6 +139,10 @@ def test_calibration_and_hardware_reach_only_the_sim_side(tmp_path):
             check_options(Options(calibration_2gpu=str(tmp_path / "missing.csv")), ["sim"])
         with pytest.raises(ConfigError, match="hardware"):
             check_options(Options(hardware="nope"), ["sim"])
+        with pytest.raises(ConfigError, match="nopex2"):
+            check_options(Options(hardware="t4", hardware_2gpu="nopex2"), ["sim"])
+        # without 2-GPU entries (--skip-2gpu) a missing 2-GPU profile is no reason to stop
+        assert check_options(Options(hardware="t4", hardware_2gpu="nopex2"), ["sim"], (1,)).hardware == "t4"
 
 
 def test_bad_command_lines_fail_at_start_with_one_line(tmp_path, capsys):
