@@ -77,7 +77,8 @@ class TorchBackend:
         self.graph: GraphDecode | None = None
         self.prefill_graph: GraphPrefill | None = None
         graphable = mor is None and not self._streams_layers()
-        pool = torch.cuda.graph_pool_handle() if graphable and self.device.type == "cuda" else None
+        wants = (cuda_graphs or prefill_graphs) and graphable and self.device.type == "cuda"
+        pool = torch.cuda.graph_pool_handle() if wants else None  # one pool for the decode and prefill graphs
         if cuda_graphs and graphable:
             self.graph = GraphDecode(model, cache, None, measure_attention, page_tokens, scratch_slot=real, pool=pool)
         if prefill_graphs and graphable:
