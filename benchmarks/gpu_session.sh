@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pp-fidelity | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pp-fidelity | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -221,6 +221,14 @@ for d in sorted(glob.glob(sys.argv[1] + "/engine_graphs_*")):
     print(d.rsplit("/", 1)[1], f"{s['output_tokens_per_s']:.1f} tok/s  TPOT p50 {s['tpot_p50'] * 1e3:.2f} ms  "
           f"TTFT p50 {s['ttft_p50'] * 1e3:.1f} ms")
 PY
+    ;;
+  pv)
+    # tables profiled in the validation's own process (--profile), then the resident 1-GPU entries twice and the
+    # offloaded ones once; the sim side later on the CPU VM: validate --backends sim --profile --out <this folder>
+    timeout 580 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" --profile \
+      --profile-grid reps=12 --profile-grid rounds=3 --repeat ${ONLY:+--only "$ONLY"} \
+      --torch-extra backend.cuda_graphs=true backend.prefill_graphs=true > "$R/validate_log.txt" 2>&1
+    grep -E "^\[|runs ok|^profile" "$R/validate_log.txt" | tail -70; date
     ;;
   pp-fidelity)
     # 2 GPUs: whole pipeline steps for the grid's pp2 entries, then those entries on the real runtime (same lease).

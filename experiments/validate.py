@@ -2,7 +2,8 @@
 
     python -m experiments.validate --backends torch,sim --out DIR [--only NAME,...] [--skip-2gpu]
         [--hardware h100] [--hardware-2gpu h100x2] [--calibration CSV] [--calibration-2gpu CSV]
-        [--extra OVERRIDE ...] [--torch-extra OVERRIDE ...] [--repeat]
+        [--profile [--profile-grid FIELD=VALUES ...]] [--extra OVERRIDE ...] [--torch-extra OVERRIDE ...]
+        [--repeat]
     python -m experiments.validate --report-only DIR
 
 Each grid entry (``conf/validation/grid.yaml``) runs on each backend in this process
@@ -68,10 +69,16 @@ class Options:
     torch_extra: tuple[str, ...] = ()  # appended to the torch side only (e.g. backend.cuda_graphs=true)
     repeat: bool = False  # run the torch side twice (the second into <config>/torch_repeat/): measurement noise
     calibration_2gpu: str | None = None  # table of the 2-GPU entries (`wicore profile --pp 2`); None: roofline
+    profile: bool = False  # profile each 1-GPU entry's run shape in this process first (validate_profile.py)
+    profile_grid: tuple[str, ...] = ()  # FIELD=VALUES overrides of that profile's grid
+    entry_tables: tuple[tuple[str, str], ...] = ()  # (entry name, table) from --profile
 
-    def table(self, gpus: int) -> str | None:
-        """The sim side's calibration table for an entry on ``gpus`` GPUs (a 1-GPU table never costs a pipeline)."""
-        return self.calibration if gpus == 1 else self.calibration_2gpu
+    def table(self, entry: GridConfig) -> str | None:
+        """The sim side's calibration table for ``entry`` (a 1-GPU table never costs a pipeline)."""
+        own = dict(self.entry_tables).get(entry.name)
+        if own:
+            return own
+        return self.calibration if entry.gpus == 1 else self.calibration_2gpu
 
     @property
     def hw2(self) -> str:
@@ -152,8 +159,8 @@ def run_overrides(entry: GridConfig, backend: str, opts: Options) -> list[str]:
             side.append("parallel=pp")
         if entry.gpu_budget_gib is not None:
             side.append(f"hardware.gpu.memory_gib={entry.gpu_budget_gib}")
-        if opts.table(entry.gpus):
-            side.append(f"backend.calibration={opts.table(entry.gpus)}")
+        if opts.table(entry):
+            side.append(f"backend.calibration={opts.table(entry)}")
     elif backend == "torch":
         side = ["backend=torch"]
         if entry.gpus == 2:
@@ -309,7 +316,7 @@ def run_one(entry: GridConfig, backend: str, cfg: DictConfig | None, overrides: 
                             "gpu_budget_gib": entry.gpu_budget_gib, "overrides": overrides}
     if backend == "sim":
         meta["hardware_profile"] = opts.hardware if entry.gpus == 1 else opts.hw2
-        meta["calibration"] = opts.table(entry.gpus)
+        meta["calibration"] = opts.table(entry)
     t0 = time.perf_counter()
     out = Outcome(entry.name, backend, "ok")
     try:
@@ -358,6 +365,12 @@ def run_grid(entries: list[GridConfig], backends: list[str], out: Path, opts: Op
             w = run_one(first, "torch", None, ov, out / "_warmup" / "torch", opts)
             log(f"warm-up ({first.name}, torch, 2 requests): {w.status} {w.error}".rstrip())
             shutil.rmtree(out / "_warmup", ignore_errors=True)
+        if opts.profile:  # tables from this process, then the sim sides composed again with them
+            opts = profile_entries(entries, cfgs, out, opts, log)
+            for e in entries:
+                if "sim" in backends:
+                    ov = run_overrides(e, "sim", opts)
+                    cfgs[(e.name, "sim")] = (ov, composer(ov))
         results = []
         n = len(entries) * len(backends)
         for i, e in enumerate(entries):
@@ -370,6 +383,40 @@ def run_grid(entries: list[GridConfig], backends: list[str], out: Path, opts: Op
                     log(f"[{k}/{n}] {e.name} {folder}: {res.status} ({res.wall_s:.1f} s)"
                         + (f": {res.error}" if res.error else ""))
     return results
+
+
+def profile_entries(entries: list[GridConfig], cfgs: dict[tuple[str, str], tuple[list[str], DictConfig]], out: Path,
+                    opts: Options, log: Any) -> Options:
+    """``--profile``: one table per run shape of the 1-GPU entries, measured here (``validate_profile``); returns
+    the options with each entry's table."""
+    from experiments.validate_profile import entry_shape, profile_shapes
+
+    shapes: dict[Any, Any] = {}
+    of_entry = {}
+    for e in entries:
+        if e.gpus != 1:
+            continue
+        shape, spec_dev = entry_shape(cfgs[(e.name, "torch")][1], e.gpu_budget_gib)
+        shapes.setdefault(shape, spec_dev)
+        of_entry[e.name] = shape
+    tables = profile_shapes(shapes, out / "calibration", opts.profile_grid, log)
+    mapping = {name: Path(tables[shape]).name for name, shape in of_entry.items()}
+    # the sim side may run later, elsewhere (--backends sim --profile): it reads which entry took which table
+    old = profiled_tables(out) if (out / "calibration" / PROFILED).is_file() else {}
+    (out / "calibration" / PROFILED).write_text(json.dumps({**old, **mapping}, indent=2, sort_keys=True) + "\n")
+    return replace(opts, entry_tables=tuple((name, tables[shape]) for name, shape in of_entry.items()))
+
+
+PROFILED = "profiled_tables.json"
+
+
+def profiled_tables(out: Path) -> dict[str, str]:
+    """Entry name -> table (absolute path) that ``--profile`` measured into ``out/calibration/``."""
+    path = out / "calibration" / PROFILED
+    if not path.is_file():
+        raise ConfigError(f"--profile with --backends sim: {path} is missing; run the torch side with --profile "
+                          "first (into the same --out), or give --calibration")
+    return {name: str((path.parent / file).resolve()) for name, file in json.loads(path.read_text()).items()}
 
 
 def report(out: Path) -> Path:
@@ -395,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-2gpu", default=None,
                     help="calibration table for the 2-GPU entries (`wicore profile --pp 2`); without it they run on "
                          "the roofline")
+    ap.add_argument("--profile", action="store_true",
+                    help="before the torch runs, profile each 1-GPU entry's run shape in this same process and give "
+                         "the sim side those tables (DIR/calibration/; instead of --calibration); with --backends "
+                         "sim alone: use the tables an earlier --profile run measured into DIR")
+    ap.add_argument("--profile-grid", action="append", default=[], metavar="FIELD=VALUES",
+                    help="override a field of that profile's grid (repeatable), as `wicore profile --grid`")
     ap.add_argument("--extra", nargs="+", action="extend", default=[], metavar="OVERRIDE",
                     help="Hydra overrides appended to every run on both backends")
     ap.add_argument("--torch-extra", nargs="+", action="extend", default=[], metavar="OVERRIDE",
@@ -421,8 +474,17 @@ def main(argv: list[str] | None = None) -> int:
         entries = select(load_grid(args.grid), only, args.skip_2gpu)
         if not entries:
             raise ConfigError("--only / --skip-2gpu: no grid config left to run")
+        if args.profile and args.calibration:
+            raise ConfigError("--profile and --calibration: the sim side takes one table per entry; drop one of them")
+        if args.profile_grid:
+            from wicore.runtime.profiler import ProfileGrid, grid_with
+
+            grid_with(ProfileGrid(), args.profile_grid)  # a bad field fails here, before any run
         opts = Options(args.hardware, args.hardware_2gpu, args.calibration, tuple(args.extra),
-                       not args.no_warmup, tuple(args.torch_extra), args.repeat, args.calibration_2gpu)
+                       not args.no_warmup, tuple(args.torch_extra), args.repeat, args.calibration_2gpu,
+                       args.profile and "torch" in backends, tuple(args.profile_grid))
+        if args.profile and "torch" not in backends:  # the sim side of an earlier --profile run: its tables
+            opts = replace(opts, entry_tables=tuple(profiled_tables(args.out).items()))
         results = run_grid(entries, backends, args.out, opts)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

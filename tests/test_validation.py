@@ -328,3 +328,33 @@ def test_group_stats_split_the_errors_by_what_configs_share(validation_dir):
             assert getattr(g, f"{m}_median_abs") == pytest.approx(err) == getattr(g, f"{m}_p90_abs")
     md = "\n".join(_groups(groups))
     assert "## By group" in md and "| batching | static | 1 |" in md
+
+
+def test_profile_in_the_validation_process_gives_each_entry_its_table(tmp_path):
+    """--profile: one table per run shape, measured in the runner's process before the torch runs; each sim side
+    uses its entry's table (here both tiny entries share one shape, with the torch side's CUDA-graph setting)."""
+    grid = ["--profile-grid", "decode_batches=1,2,4", "--profile-grid", "decode_contexts=16,64",
+            "--profile-grid", "prefill_tokens=16,64", "--profile-grid", "prefill_context_points=",
+            "--profile-grid", "reps=3", "--profile-grid", "rounds=1", "--profile-grid", "overhead_batches=1,4",
+            "--profile-grid", "overhead_steps=5", "--profile-grid", "check_points="]
+    out = tmp_path / "v"
+    assert main(["--backends", "torch,sim", "--out", str(out), "--only", "tiny-c1-short,tiny-c4-short", *SMALL,
+                 "--profile", *grid, "--torch-extra", "backend.cuda_graphs=true"]) == 0
+    tables = sorted((out / "calibration").glob("*.csv"))
+    assert [t.name for t in tables] == ["tiny-gemma3_fp32_len512_graphs.csv"]
+    meta = json.loads((out / "calibration" / (tables[0].name + ".meta.json")).read_text())
+    assert meta["cuda_graphs"] is True and meta["model"] == "tiny-gemma3"
+    for cfg in ("tiny-c1-short", "tiny-c4-short"):
+        sim_cfg = yaml.safe_load((out / cfg / "sim" / "config.yaml").read_text())
+        assert sim_cfg["backend"]["calibration"] == str(tables[0].resolve())
+        sources = json.loads((out / cfg / "sim" / "cost_sources.json").read_text())
+        assert sources["calibrated"] and "decode_step_mass" in sources["whole_steps"]
+    # the sim side again, later (as on another machine): the entries take the tables the torch side measured
+    mapping = json.loads((out / "calibration" / "profiled_tables.json").read_text())
+    assert mapping == {"tiny-c1-short": tables[0].name, "tiny-c4-short": tables[0].name}
+    (out / "tiny-c1-short" / "sim").rename(out / "old_sim")
+    assert main(["--backends", "sim", "--out", str(out), "--only", "tiny-c1-short", *SMALL, "--profile"]) == 0
+    sim_cfg = yaml.safe_load((out / "tiny-c1-short" / "sim" / "config.yaml").read_text())
+    assert sim_cfg["backend"]["calibration"] == str(tables[0].resolve())
+    assert main(["--backends", "sim", "--out", str(tmp_path / "empty"), "--profile"]) == 2  # nothing profiled there
+    assert main(["--backends", "torch", "--out", str(out), "--profile", "--profile-grid", "nope=1"]) == 2
