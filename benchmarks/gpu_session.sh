@@ -223,10 +223,13 @@ for d in sorted(glob.glob(sys.argv[1] + "/engine_graphs_*")):
 PY
     ;;
   pv)
-    # tables profiled in the validation's own process (--profile), then the resident 1-GPU entries twice and the
-    # offloaded ones once; the sim side later on the CPU VM: validate --backends sim --profile --out <this folder>
+    # tables profiled in the validation's own process (--profile), then the selected 1-GPU entries (twice unless
+    # NO_REPEAT=1). Two calls fit the 10-minute limit: ONLY='tiny-*,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked,
+    # 1b-c16-mixed-*,*-fp16' and then ONLY='*gpu4*' NO_REPEAT=1. The sim side later on the CPU VM:
+    # validate --backends sim --profile --out <this folder>
+    rep=--repeat; [ "${NO_REPEAT:-}" = 1 ] && rep=""
     timeout 580 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" --profile \
-      --profile-grid reps=12 --profile-grid rounds=3 --repeat ${ONLY:+--only "$ONLY"} \
+      --profile-grid reps=12 --profile-grid rounds=3 $rep ${ONLY:+--only "$ONLY"} \
       --torch-extra backend.cuda_graphs=true backend.prefill_graphs=true > "$R/validate_log.txt" 2>&1
     grep -E "^\[|runs ok|^profile" "$R/validate_log.txt" | tail -70; date
     ;;
