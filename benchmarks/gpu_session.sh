@@ -20,6 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.
 # tables, named without the card: rename them after the card they ran on): profile_streamed TIMEOUT [more args]
 STREAM_GRID="--grid decode_batches=1,2,4,8,16 --grid decode_contexts=64,160,1024,1280 --grid prefill_tokens=16,128,1024
   --grid prefill_context_points= --grid overhead_batches=1,4,16 --grid check_points=1:160"
+STREAM_PGRID=$(echo $STREAM_GRID | sed 's/--grid/--profile-grid/g')  # the same, for validate --profile
 profile_streamed() {
   local limit=$1; shift
   mkdir -p "$R/calibration"
@@ -225,11 +226,11 @@ PY
   pv)
     # tables profiled in the validation's own process (--profile), then the selected 1-GPU entries (twice unless
     # NO_REPEAT=1). Two calls fit the 10-minute limit: ONLY='tiny-*,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked,
-    # 1b-c16-mixed-*,*-fp16' and then ONLY='*gpu4*' NO_REPEAT=1. The sim side later on the CPU VM:
-    # validate --backends sim --profile --out <this folder>
+    # 1b-c16-mixed-*,*-fp16', then ONLY='*gpu4*' NO_REPEAT=1 PGRID="$STREAM_PGRID" (streamed steps are slow: the
+    # smaller grid of profile_streamed). The sim side later on the CPU VM: validate --backends sim --profile --out DIR
     rep=--repeat; [ "${NO_REPEAT:-}" = 1 ] && rep=""
     timeout 580 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" --profile \
-      --profile-grid reps=12 --profile-grid rounds=3 $rep ${ONLY:+--only "$ONLY"} \
+      --profile-grid reps=12 --profile-grid rounds=3 ${PGRID:-} $rep ${ONLY:+--only "$ONLY"} \
       --torch-extra backend.cuda_graphs=true backend.prefill_graphs=true > "$R/validate_log.txt" 2>&1
     grep -E "^\[|runs ok|^profile" "$R/validate_log.txt" | tail -70; date
     ;;
