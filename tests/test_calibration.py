@@ -567,7 +567,9 @@ def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_on
     two = [BatchItem(i, Phase.DECODE, 1, 16, True) for i in range(2)]
     assert _close(cost.step(two).compute_s, rows[("decode_step_mass", 2, 0, 16)])
     pair = [BatchItem(i, Phase.PREFILL, 16, 0, True) for i in range(2)]
-    assert _close(cost.step(pair).compute_s, rows[("prefill_step_pair", 2, 16, 0)])
+    single, both = rows[("prefill_step", 1, 16, 0)], rows[("prefill_step_pair", 2, 16, 0)]
+    # the measured pair, unless timing noise put it below 1.1x the single step (a margin is held at >= 10 %)
+    assert _close(cost.step(pair).compute_s, single + max(both - single, 0.1 * single))
     assert cost.sources()["pp"] == 2
     with pytest.raises(ConfigError, match="measured with pp=2.*without --pp"):
         build_sim(make_cfg(*BASE[:-1], f"backend.calibration={path}", *SMALL))
