@@ -134,7 +134,7 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     from wicore.devices import probe, resolve_device
     from wicore.model.checkpoint import checkpoint_fill, load_checkpoint, spec_from_checkpoint
     from wicore.model.kv_cache import KVCache
-    from wicore.model.transformer import Transformer, build_model, to_torch_dtype
+    from wicore.model.transformer import Transformer, build_model, preferred_dtype_name, to_torch_dtype
     from wicore.runtime.backend import TorchBackend
 
     bc = cfg.backend
@@ -149,7 +149,7 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         hw = replace(hw, gpu=replace(hw.gpu, memory_gib=float(budget)))
     data = plain(cfg.model)
     if data.get("dtype", "auto") == "auto":
-        data["dtype"] = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+        data["dtype"] = preferred_dtype_name(device)
     if cfg.get("checkpoint"):
         spec = spec_from_checkpoint(str(cfg.checkpoint), data["dtype"])
     else:

@@ -42,18 +42,17 @@ class Shape:
 def entry_shape(cfg: DictConfig, gpu_budget_gib: float | None) -> tuple[Shape, Any]:
     """(shape, model spec) of an entry from its composed torch-side config (dtype ``auto`` resolved as
     ``build_torch`` resolves it)."""
-    import torch
-
     from experiments.build import plain
     from experiments.run_torch import cuda_graphs_enabled
     from wicore.devices import resolve_device
     from wicore.model.spec import ModelSpec
+    from wicore.model.transformer import preferred_dtype_name
 
     bc = cfg.backend
     device = resolve_device(str(bc.device), "backend.device", "backend.device=cpu")
     data = plain(cfg.model)
     if data.get("dtype", "auto") == "auto":
-        data["dtype"] = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+        data["dtype"] = preferred_dtype_name(device)
     spec = ModelSpec.from_config(data)
     streamed = gpu_budget_gib is not None  # the runtime runs a model with streamed layers eagerly
     shape = Shape(spec.name, spec.dtype, min(int(bc.max_len), spec.max_context),

@@ -133,6 +133,12 @@ def preferred_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
+def preferred_dtype_name(device: torch.device | str) -> str:
+    """``preferred_dtype`` as a config name ("bf16", "fp16", "fp32"): what ``dtype: auto`` resolves to."""
+    tdt = preferred_dtype(device)
+    return next(name for name, d in DTYPES.items() if d == tdt)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, index: int) -> None:
         super().__init__()

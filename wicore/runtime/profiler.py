@@ -66,7 +66,7 @@ from wicore import devices
 from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.spec import ModelSpec
-from wicore.model.transformer import Transformer, build_model, to_torch_dtype
+from wicore.model.transformer import Transformer, build_model, preferred_dtype_name, to_torch_dtype
 from wicore.runtime.backend import TorchBackend
 from wicore.runtime.buckets import prefill_buckets
 from wicore.runtime.gc_freeze import frozen_gc
@@ -147,11 +147,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _auto_dtype(dtype: str | None, device: torch.device) -> str | None:
-    if dtype not in (None, "auto"):
-        return dtype
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return dtype if dtype not in (None, "auto") else preferred_dtype_name(device)
 
 
 def resolve_spec(source: ModelSpec | str | Path, device: torch.device,
