@@ -33,7 +33,7 @@ from wicore.errors import ConfigError
 from wicore.model.spec import ModelSpec
 from wicore.runtime.gc_freeze import frozen_gc
 from wicore.runtime.timing import interleaved, point
-from wicore.types import BatchItem, Phase, Request, StepPlan
+from wicore.types import Request
 
 Log = Callable[[str], None]
 
@@ -45,7 +45,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
     from wicore.runtime.pipeline import launch
     from wicore.runtime.pipeline_config import PipelineConfig, pipeline_devices
     from wicore.runtime.profile_overhead import measure_gaps_on
-    from wicore.runtime.profiler import _prefill_timer, _step_timer, device_name
+    from wicore.runtime.profiler import _prefill_timer, _step_timer, decode_plans, device_name
 
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
     devices = pipeline_devices(device, pp, spec.num_layers, visible)
@@ -78,8 +78,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
                 be.add_request(Request(rid, 0.0, prompt, 1 << 30, prompt_ids=ids))
             op = "decode_step_mass" if mass else "decode_step"
             log(f"{op} (pp={pp}): batch {batches} x context {contexts}")
-            plans = {(b, c): StepPlan(1, 0, 0.0, [BatchItem(rid, Phase.DECODE, 1, c, True) for rid in range(b)])
-                     for b in batches for c in contexts}
+            plans = decode_plans(batches, contexts)
             for (b, c), ts in interleaved(list(plans), _step_timer(be, plans), grid.reps, grid.warmup,
                                           grid.rounds).items():
                 add(op, ts, batch=b, context=c)

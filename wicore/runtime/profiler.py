@@ -340,16 +340,25 @@ def _step_timer(be: TorchBackend, plans: dict[Any, StepPlan]) -> Callable[[Any, 
     return lambda p, n, warmup: _step_times(be, plans[p], n, warmup)
 
 
-def _step_times(be: TorchBackend, plan: StepPlan, reps: int, warmup: int) -> list[float]:
+def _step_times(be: TorchBackend, plan: StepPlan, reps: int, warmup: int,
+                before: Callable[[], None] | None = None) -> list[float]:
     """Seconds of ``reps`` executions of ``plan`` after ``warmup`` ones, each the interval the step
-    reports (``end - start`` of its StepResult: what a run records as the step's duration)."""
-    for _ in range(warmup):
-        be.execute(plan)
+    reports (``end - start`` of its StepResult: what a run records as the step's duration); ``before``
+    runs ahead of every execution, outside the timed interval."""
     out = []
-    for _ in range(reps):
+    for i in range(warmup + reps):
+        if before is not None:
+            before()
         r = be.execute(plan)
-        out.append(r.end - r.start)
+        if i >= warmup:
+            out.append(r.end - r.start)
     return out
+
+
+def decode_plans(batches: list[int], contexts: list[int]) -> dict[tuple[int, int], StepPlan]:
+    """One decode step per (batch, context) point: requests 0..batch-1, one token each at ``context``."""
+    return {(b, c): StepPlan(1, 0, 0.0, [BatchItem(rid, Phase.DECODE, 1, c, True) for rid in range(b)])
+            for b in batches for c in contexts}
 
 
 def profile_steps(run: _Run, batches: list[int], contexts: list[int], prefill: list[tuple[int, int]],
@@ -363,8 +372,7 @@ def profile_steps(run: _Run, batches: list[int], contexts: list[int], prefill: l
         op = "decode_step_mass" if mass else "decode_step"
         run.log(f"{op}{' (CUDA graphs)' if run.cuda_graphs else ''}: batch {batches} x context {contexts}")
         be = _backend(run, max(batches), max(contexts) + depth, page_tokens, mass, run.cuda_graphs)
-        plans = {(b, c): StepPlan(1, 0, 0.0, [BatchItem(rid, Phase.DECODE, 1, c, True) for rid in range(b)])
-                 for b in batches for c in contexts}
+        plans = decode_plans(batches, contexts)
         times = interleaved(list(plans), _step_timer(be, plans), g.reps, g.warmup, g.rounds)
         for (b, c), ts in times.items():
             run.add(op, ts, batch=b, context=c)
@@ -385,19 +393,15 @@ def _prefill_timer(be: TorchBackend, n: int) -> Callable[[Any, int, int], list[f
     slot first)."""
     reqs = [be.requests[rid] for rid in range(n)]
 
+    def restart() -> None:
+        for r in reqs:
+            be.release(r.request_id)
+            be.add_request(r)
+
     def timer(p: Any, reps: int, warmup: int) -> list[float]:
         t, c = p
         plan = StepPlan(1, 0, 0.0, [BatchItem(r.request_id, Phase.PREFILL, t, c, True) for r in reqs])
-        out = []
-        for i in range(warmup + reps):
-            if c == 0:
-                for r in reqs:
-                    be.release(r.request_id)
-                    be.add_request(r)
-            res = be.execute(plan)
-            if i >= warmup:
-                out.append(res.end - res.start)
-        return out
+        return _step_times(be, plan, reps, warmup, restart if c == 0 else None)
     return timer
 
 
