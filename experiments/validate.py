@@ -402,8 +402,9 @@ def profile_entries(entries: list[GridConfig], cfgs: dict[tuple[str, str], tuple
     tables = profile_shapes(shapes, out / "calibration", opts.profile_grid, log)
     mapping = {name: Path(tables[shape]).name for name, shape in of_entry.items()}
     # the sim side may run later, elsewhere (--backends sim --profile): it reads which entry took which table
-    old = profiled_tables(out) if (out / "calibration" / PROFILED).is_file() else {}
-    (out / "calibration" / PROFILED).write_text(json.dumps({**old, **mapping}, indent=2, sort_keys=True) + "\n")
+    index = out / "calibration" / PROFILED
+    old = json.loads(index.read_text()) if index.is_file() else {}  # file names, as written: the folder may move
+    index.write_text(json.dumps({**old, **mapping}, indent=2, sort_keys=True) + "\n")
     return replace(opts, entry_tables=tuple((name, tables[shape]) for name, shape in of_entry.items()))
 
 

@@ -352,6 +352,11 @@ def test_profile_in_the_validation_process_gives_each_entry_its_table(tmp_path):
     # the sim side again, later (as on another machine): the entries take the tables the torch side measured
     mapping = json.loads((out / "calibration" / "profiled_tables.json").read_text())
     assert mapping == {"tiny-c1-short": tables[0].name, "tiny-c4-short": tables[0].name}
+    # a second --profile call into the same folder adds its entries and keeps the first call's as file names
+    assert main(["--backends", "torch", "--out", str(out), "--only", "tiny-c1-long", *SMALL, "--profile", *grid]) == 0
+    mapping = json.loads((out / "calibration" / "profiled_tables.json").read_text())
+    assert sorted(mapping) == ["tiny-c1-long", "tiny-c1-short", "tiny-c4-short"]
+    assert all("/" not in name for name in mapping.values())
     (out / "tiny-c1-short" / "sim").rename(out / "old_sim")
     assert main(["--backends", "sim", "--out", str(out), "--only", "tiny-c1-short", *SMALL, "--profile"]) == 0
     sim_cfg = yaml.safe_load((out / "tiny-c1-short" / "sim" / "config.yaml").read_text())
