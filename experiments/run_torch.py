@@ -247,9 +247,10 @@ def _warm_up(cfg: DictConfig, backend: Any, workload: Any, max_len: int) -> dict
     batches = list(backend.graph.buckets) if getattr(backend, "graph", None) is not None else [rows]
     longest = min(int(workload.prompts.max()), int(cfg.scheduler.max_batched_tokens))
     prefill = getattr(backend, "prefill_graph", None)
-    # prefill graphs: every bucket a chunk of the run can pad to (chunks are at most `longest` tokens)
-    top = prefill.bucket(longest) if prefill is not None else None
-    sizes = [b for b in prefill.buckets if b <= (top or longest)] if prefill is not None else []
+    sizes: list[int] = []
+    if prefill is not None:  # every bucket a chunk of the run can pad to (chunks are at most `longest` tokens)
+        top = prefill.bucket(longest) or longest
+        sizes = [b for b in prefill.buckets if b <= top]
     return warm_up(backend, min(longest, max_len - len(batches) - 1), batches, sizes)
 
 

@@ -224,10 +224,7 @@ class CalibratedCostModel(CostModel):
 
     def _bucket(self, rows: int) -> int:
         """The batch size a decode of ``rows`` rows runs at (its CUDA-graph bucket; ``rows`` without graphs)."""
-        for b in self.buckets:
-            if b >= rows:
-                return b
-        return rows
+        return bucket_of(rows, self.buckets) or rows
 
     def _prefill_tokens(self, it: BatchItem) -> int:
         """The length a prefill chunk runs at (its CUDA-graph bucket when it fits; its own without graphs)."""

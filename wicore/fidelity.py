@@ -154,7 +154,7 @@ def group_stats(pairs: list[Pair], rows: pd.DataFrame, metrics: tuple[str, ...] 
     than one group: where the simulator misses, by what the configs have in common."""
     groups = {p.config: config_groups(p) for p in pairs}
     out = []
-    kinds = sorted({k for g in groups.values() for k in g}, key=list(next(iter(groups.values()), {})).index)
+    kinds = list(next(iter(groups.values()), {}))  # config_groups' keys, in its order
     for kind in kinds:
         values = sorted({g[kind] for g in groups.values()})
         if len(values) < 2:

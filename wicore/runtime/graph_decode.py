@@ -56,7 +56,7 @@ from torch import Tensor
 from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.transformer import Transformer
-from wicore.runtime.buckets import default_buckets
+from wicore.runtime.buckets import bucket_of, default_buckets
 from wicore.runtime.graph_capture import capture
 
 __all__ = ["GraphDecode", "default_buckets"]
@@ -103,9 +103,9 @@ class GraphDecode:
 
     def bucket(self, rows: int) -> int:
         """The smallest bucket size >= ``rows``."""
-        for b in self.buckets:
-            if b >= rows:
-                return b
+        b = bucket_of(rows, self.buckets)
+        if b is not None:
+            return b
         raise ValueError(f"GraphDecode: {rows} decode rows exceed the largest bucket {self.buckets[-1]}")
 
     # ----- the forward ----------------------------------------------------------------------
