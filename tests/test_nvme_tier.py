@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from tests.conftest import make_cfg  # noqa: E402
-from tests.test_offload import TINY_RUN, gemma, inputs, streaming_budget_gib  # noqa: E402
+from tests.test_offload import TINY_RUN, assert_lone_layer_equal, gemma, inputs, streaming_budget_gib  # noqa: E402
 from wicore.errors import ConfigError  # noqa: E402
 from wicore.memory.formats import FORMATS  # noqa: E402
 from wicore.model.checkpoint import checkpoint_fill, load_checkpoint, write_random_checkpoint  # noqa: E402
@@ -166,11 +166,7 @@ def test_several_forwards_a_forward_that_raised_a_failed_read_and_a_layer_called
                 model(ids, pos)
         assert torch.equal(model(ids, pos), want(ids, pos))
         # a streamed layer called on its own, then whole forwards again
-        x = torch.randn(2, 40, spec.hidden_size)
-        cos = sin = torch.ones(2, 40, spec.head_dim)
-        mask = torch.ones(2, 1, 40, 40, dtype=torch.bool)
-        args = (x, cos, sin, mask, pos, None, None, None, False)
-        assert torch.equal(model.layers[4](*args)[0], want.layers[4](*args)[0])
+        assert_lone_layer_equal(model, want, spec, pos)
         assert torch.equal(model(ids, pos), want(ids, pos))
     assert st.resyncs >= 3 and st.stats()["forwards"] >= 5
     st.close()

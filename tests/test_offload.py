@@ -161,11 +161,7 @@ def test_recovers_from_a_forward_that_raised_half_way_and_from_a_layer_called_al
     model.layers[3].mlp.forward = original  # type: ignore[method-assign]
     with torch.inference_mode():
         assert torch.equal(model(ids, pos), ref(ids, pos))
-        x = torch.randn(2, 40, spec.hidden_size)
-        cos = sin = torch.ones(2, 40, spec.head_dim)
-        mask = torch.ones(2, 1, 40, 40, dtype=torch.bool)
-        args = (x, cos, sin, mask, pos, None, None, None, False)
-        assert torch.equal(model.layers[4](*args)[0], ref.layers[4](*args)[0])
+        assert_lone_layer_equal(model, ref, spec, pos)
         assert torch.equal(model(ids, pos), ref(ids, pos))
     assert st.resyncs >= 2
 
@@ -188,6 +184,16 @@ def test_meta_model_materialised_from_a_fill_function():
     with torch.inference_mode():
         assert torch.equal(model(ids, pos), ref(ids, pos))
     assert st.stats()["num_streamed"] == 2
+
+
+def assert_lone_layer_equal(model: Transformer, ref: Transformer, spec: ModelSpec, pos: torch.Tensor,
+                            layer: int = 4) -> None:
+    """A streamed ``layer`` called on its own (outside a forward) computes what the reference's does."""
+    x = torch.randn(2, 40, spec.hidden_size)
+    cos = sin = torch.ones(2, 40, spec.head_dim)
+    mask = torch.ones(2, 1, 40, 40, dtype=torch.bool)
+    args = (x, cos, sin, mask, pos, None, None, None, False)
+    assert torch.equal(model.layers[layer](*args)[0], ref.layers[layer](*args)[0])
 
 
 def streaming_budget_gib(spec: ModelSpec, resident: int) -> float:
