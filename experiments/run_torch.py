@@ -120,7 +120,8 @@ def kv_page_budget(cfg: DictConfig, slots: int, max_len: int, page_tokens: int, 
 
 def cuda_graphs_enabled(value: Any, device: Any, key: str = "backend.cuda_graphs") -> bool:
     """``backend.cuda_graphs`` / ``backend.prefill_graphs``: true (graphs on CUDA, the same padded path eagerly
-    elsewhere), false, or auto (on for CUDA devices only). Routing and weight streaming always run eagerly."""
+    elsewhere), false, or auto (on for CUDA devices only). Routing and NVMe weight streaming always run eagerly;
+    layers streamed from host memory run on the streamer's graph-safe schedule so the graphs capture them."""
     text = str(value).lower()
     if text not in ("true", "false", "auto"):
         raise ConfigError(f"{key}: '{value}' is not one of true, false, auto")
@@ -201,6 +202,9 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         model, spec = load_checkpoint(str(cfg.checkpoint), device=home, dtype=to_torch_dtype(data["dtype"]))
     else:
         model = build_model(spec, device=home, dtype=spec.dtype, seed=int(cfg.seed))
+    router = make_router(cfg, spec)
+    # graphs capture the streamed layers too, on the streamer's graph-safe schedule (not from the NVMe tier)
+    graph_safe = router is None and store is None
     streamer = None
     if placement.offloading:
         from wicore.runtime.offload import offload_model
@@ -208,14 +212,14 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
         streamed = [layer for layer, _ in placement.placements[0].streamed]
         streamer = offload_model(model, streamed, device, host_format=str(bc.get("host_format") or "auto"),
                                  buffers=mem.stream_buffer_layers, lookahead=mem.stream_buffer_layers - 1,
-                                 fill=fill, source="nvme" if store is not None else "host", store=store)
+                                 fill=fill, source="nvme" if store is not None else "host", store=store,
+                                 schedule="forward" if graph_safe and (want_graphs or want_prefill_graphs) else "cycle")
     if bool(bc.get("fuse_projections", False)):  # one GEMM for q/k/v and one for gate/up (resident layers)
         from wicore.model.fuse import fuse_projections
 
         fuse_projections(model, device, skip_layers=set(streamer.order) if streamer is not None else set())
-    router = make_router(cfg, spec)
     # CUDA-graph decode: one extra KV slot is the scratch slot of the padding rows
-    graphs = want_graphs and streamer is None and router is None
+    graphs = want_graphs and graph_safe
     cache = KVCache(spec, slots + int(graphs), max_len, device=device, dtype=to_torch_dtype(spec.dtype))
     pool = PagePool(kv_pages, mem.page_tokens, placement.page_bytes)
     swap = PagePool(placement.host_swap_pages, mem.page_tokens, placement.page_bytes, "swap")  # swap preemption
@@ -225,9 +229,9 @@ def build_torch(cfg: DictConfig) -> TorchSetup:
     kw: dict[str, Any] = {"seed": int(cfg.seed), "measure_attention": bool(bc.measure_attention),
                           "mor": _mor_runtime(cfg, router, model, cache) if router is not None else None,
                           "page_tokens": mem.page_tokens}
+    kw.update(cuda_graphs=graphs, prefill_graphs=want_prefill_graphs and graph_safe)
     if streamer is None:
-        backend = TorchBackend(model, cache, t0, cuda_graphs=graphs,
-                               prefill_graphs=want_prefill_graphs and router is None, **kw)
+        backend = TorchBackend(model, cache, t0, **kw)
     else:
         from wicore.runtime.offload import StreamingTorchBackend
 

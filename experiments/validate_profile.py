@@ -5,8 +5,9 @@ the same graph step 9-16 % slower in one process than in the next), while a run 
 process agree within a few per cent. A table profiled in another process carries that offset into
 every comparison. With ``--profile`` the runner profiles, right before the torch runs and in the same
 process, one table per run shape the selected entries have: the model and dtype, the torch side's
-CUDA-graph settings and ``max_len``, and for an offloaded entry its GPU budget (streamed layers,
-eager, as the runtime runs it). The tables land in ``DIR/calibration/`` and each entry's sim side uses
+CUDA-graph settings and ``max_len``, and for an offloaded entry its GPU budget (layers streamed from
+host memory, captured by the graphs as the runtime does; an entry with ``memory.offload_to=nvme`` runs
+eagerly on the runtime, and its shape says so, though the profile streams from host memory). The tables land in ``DIR/calibration/`` and each entry's sim side uses
 the one of its shape. 2-GPU entries are left to ``--calibration-2gpu``.
 """
 
@@ -54,10 +55,11 @@ def entry_shape(cfg: DictConfig, gpu_budget_gib: float | None) -> tuple[Shape, A
     if data.get("dtype", "auto") == "auto":
         data["dtype"] = preferred_dtype_name(device)
     spec = ModelSpec.from_config(data)
-    streamed = gpu_budget_gib is not None  # the runtime runs a model with streamed layers eagerly
+    # the runtime runs a model streaming from the NVMe tier eagerly (experiments.run_torch)
+    eager = gpu_budget_gib is not None and str(cfg.get("memory", {}).get("offload_to", "auto")) == "nvme"
     shape = Shape(spec.name, spec.dtype, min(int(bc.max_len), spec.max_context),
-                  not streamed and cuda_graphs_enabled(bc.get("cuda_graphs", False), device),
-                  not streamed and cuda_graphs_enabled(bc.get("prefill_graphs", False), device, "backend.prefill_graphs"),
+                  not eager and cuda_graphs_enabled(bc.get("cuda_graphs", False), device),
+                  not eager and cuda_graphs_enabled(bc.get("prefill_graphs", False), device, "backend.prefill_graphs"),
                   gpu_budget_gib)
     return shape, (spec, device)
 

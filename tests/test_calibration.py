@@ -460,8 +460,6 @@ def test_profiler_with_prefill_graphs_measures_every_length_bucket(tmp_path, tor
     assert steps == {(16, 0), (32, 0), (48, 0), (64, 0), (96, 0), (16, 64)}  # 128 + the timed tokens > max_len
     pairs = {(r["tokens"], r["context"]) for r in t.rows if r["op"] == "prefill_step_pair"}
     assert pairs == steps and all(r["mean_s"] > 0 for r in t.rows)
-    with pytest.raises(ConfigError, match="--prefill-graphs"):
-        profile("tiny-gemma3", "cpu", tmp_path / "x.csv", grid, gpu_budget_gib=1.0, prefill_graphs=True)
 
 
 def test_interleaved_timing_spreads_rounds_and_warms_up_once():
@@ -501,8 +499,14 @@ def test_profiler_under_a_gpu_budget_streams_layers_in_its_steps(tmp_path, torch
     t = CalibrationTable.load(out)
     assert t.meta["streamed_layers"] == list(range(1, spec.num_layers)) and t.meta["gpu_budget_gib"]
     assert {"decode_step", "prefill_step", "decode_forward"} <= set(t.ops())
-    with pytest.raises(ConfigError, match="--cuda-graphs"):
-        profile(spec, "cpu", tmp_path / "x.csv", grid, gpu_budget_gib=1.0, cuda_graphs=True)
+    assert t.meta["stream_schedule"] == "cycle" and not t.meta["cuda_graphs"]
+    # with graphs, as runs with backend.cuda_graphs / prefill_graphs stream: on the graph-safe schedule
+    out = profile(spec, "cpu", tmp_path / "g.csv", grid, gpu_budget_gib=round(budget, 9), cuda_graphs=True,
+                  prefill_graphs=True, max_len=128, log=lambda m: None)
+    g = CalibrationTable.load(out)
+    assert g.meta["stream_schedule"] == "forward" and g.meta["cuda_graphs"] and g.meta["prefill_graph_buckets"]
+    assert g.meta["streamed_layers"] == t.meta["streamed_layers"]
+    assert {"decode_step", "prefill_step", "prefill_step_pair"} <= set(g.ops())
 
 
 def test_profile_grid_overrides_from_the_command_line(capsys):

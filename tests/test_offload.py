@@ -77,6 +77,58 @@ def test_streamed_logits_equal_resident(spec, streamed, host_format, buffers, lo
         assert p.device.type == "cpu"
 
 
+@pytest.mark.parametrize("host_format,streamed,buffers", [("auto", [1, 3, 5], 2), ("int8", [0, 2, 3, 5], 2),
+                                                         ("auto", [0, 1, 2, 3, 4, 5], 3)])
+def test_forward_schedule_equals_the_cycle_schedule_and_counts_replays(host_format, streamed, buffers):
+    spec = gemma()
+    _, cyc, _ = pair(spec, streamed, host_format=host_format, buffers=buffers, lookahead=buffers - 1)
+    _, fwd, st = pair(spec, streamed, host_format=host_format, buffers=buffers, lookahead=buffers - 1,
+                      schedule="forward")
+    assert st.per_forward and st.stats()["schedule"] == "forward" and fwd.layer_streamer is st  # type: ignore[attr-defined]
+    ids, pos = inputs(spec)
+    with torch.inference_mode():
+        for _ in range(3):
+            assert torch.equal(fwd(ids, pos), cyc(ids, pos))
+    # a forward copies its own layers only: nothing is prefetched for the next one
+    assert st.forwards == 3 and st.copies == 3 * len(streamed) and st.bytes_copied == 3 * st.bytes_per_forward
+    st.replayed()  # what GraphDecode / GraphPrefill call after a replay (no hook runs in one)
+    assert st.forwards == 4 and st.bytes_copied == 4 * st.bytes_per_forward and st.copies == 4 * len(streamed)
+    st.close()
+    assert not hasattr(fwd, "layer_streamer")
+
+
+def test_forward_schedule_recovers_from_a_raise_and_a_lone_layer():
+    spec = gemma()
+    ref, model, st = pair(spec, [1, 3, 4], schedule="forward")
+    ids, pos = inputs(spec)
+    original = model.layers[3].mlp.forward
+    model.layers[3].mlp.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="boom"):
+        model(ids, pos)
+    model.layers[3].mlp.forward = original  # type: ignore[method-assign]
+    with torch.inference_mode():
+        assert torch.equal(model(ids, pos), ref(ids, pos))
+        assert_lone_layer_equal(model, ref, spec, pos)
+        assert torch.equal(model(ids, pos), ref(ids, pos))
+    assert st.resyncs >= 2
+
+
+def test_forward_schedule_is_refused_for_the_nvme_tier_and_by_graphs_for_the_cycle_schedule(tmp_path):
+    from wicore.errors import ConfigError
+    from wicore.runtime.graph_capture import replay_counter
+
+    with pytest.raises(ConfigError, match="host memory"):
+        pair(gemma(), [1, 3], host_format="int4", source="nvme", schedule="forward")
+    with pytest.raises(ConfigError, match="schedule"):
+        pair(gemma(), [1, 3], schedule="ahead")
+    _, model, st = pair(gemma(), [1, 3])
+    with pytest.raises(ConfigError, match="cycle schedule"):
+        replay_counter(model, "GraphDecode")
+    _, model, st = pair(gemma(), [1, 3], schedule="forward")
+    assert replay_counter(model, "GraphDecode") == st.replayed
+    assert replay_counter(build_model(gemma(), "cpu", seed=0), "GraphDecode") is None
+
+
 def test_int8_host_format_is_exactly_the_dequantized_weights_and_close_to_the_original():
     spec = gemma()
     ref, model, st = pair(spec, [0, 2, 3, 5], host_format="int8")
@@ -251,6 +303,22 @@ def test_run_torch_streams_under_a_small_budget_with_the_same_tokens_and_schema(
     assert per_forward < st.bytes_per_forward / 3  # int8 matrices instead of fp32
     steps = pd.read_parquet(tmp_path / "streamed" / "steps.parquet")
     assert (steps["link_bytes"] > 0).all() and (steps["link_bytes"] % per_forward == 0).all()
+
+
+def test_run_torch_graphs_capture_streamed_layers_on_the_forward_schedule():
+    """With CUDA graphs on, the streamer runs its graph-safe schedule (on the CPU the graphs' padded path runs
+    eagerly): the same tokens as the resident eager run; the NVMe tier stays on the cycle schedule."""
+    spec = gemma()
+    budget = f"backend.gpu_budget_gib={streaming_budget_gib(spec, 3):.9f}"
+    graphs = ("backend.cuda_graphs=true", "backend.prefill_graphs=true")
+    resident, _ = run_tokens()
+    streamed, setup = run_tokens(budget, *graphs)
+    backend = setup.backend  # type: ignore[attr-defined]
+    assert streamed == resident
+    assert backend.streamer.per_forward and backend.graph is not None and backend.prefill_graph is not None
+    assert backend.graph.calls > 0 and backend.prefill_graph.calls > 0
+    assert backend.streamer.resyncs == 0
+    assert run_tokens(budget)[1].backend.streamer.per_forward is False  # type: ignore[attr-defined]
 
 
 # ----- benchmarks/gpu_offload.py on the CPU ---------------------------------------------------------

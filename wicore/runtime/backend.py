@@ -29,12 +29,13 @@ while its KV is on the device.
 ``cuda_graphs=True``: the batched decode forward runs through
 ``wicore.runtime.graph_decode.GraphDecode`` (CUDA graphs per batch-size bucket on a
 GPU, the same padded path eagerly elsewhere); the cache's last slot is its scratch
-slot and is never given to a request. Not used with MoR routing or streaming.
+slot and is never given to a request. Not used with MoR routing; with streamed layers only when the
+streamer runs its graph-safe schedule (``wicore.runtime.offload``, host memory only: NVMe stays eager).
 
 ``prefill_graphs=True``: each prefill chunk runs through
 ``wicore.runtime.graph_prefill.GraphPrefill`` (right-padded to a length bucket, one CUDA
 graph per bucket); a chunk whose padded end would pass the slot's ``max_len`` runs
-eagerly. Not used with MoR routing or streaming either.
+eagerly. The same conditions as for decode graphs.
 """
 
 from __future__ import annotations
@@ -70,13 +71,15 @@ class TorchBackend:
         self.seed = seed
         self.slots: dict[int, int] = {}
         # cuda_graphs: the cache's last slot is the scratch slot of GraphDecode's padding rows (the caller
-        # allocated one slot more); it is never handed out. Graphs are not used with MoR routing or streaming.
+        # allocated one slot more); it is never handed out. Graphs are not used with MoR routing, nor with
+        # streamed layers on the streamer's cycle schedule.
         self.cuda_graphs = cuda_graphs
         real = cache.max_slots - 1 if cuda_graphs else cache.max_slots
         self.free_slots = list(range(real - 1, -1, -1))
         self.graph: GraphDecode | None = None
         self.prefill_graph: GraphPrefill | None = None
-        graphable = mor is None and not self._streams_layers()
+        streamer = getattr(model, "layer_streamer", None)  # streamed layers: graphs need the graph-safe schedule
+        graphable = mor is None and (streamer is None or streamer.per_forward)
         wants = (cuda_graphs or prefill_graphs) and graphable and self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if wants else None  # one pool for the decode and prefill graphs
         if cuda_graphs and graphable:
@@ -98,11 +101,6 @@ class TorchBackend:
     def reset_stats(self) -> None:
         """Start the run's counters here (after a warm-up). This backend keeps none across steps besides the
         KV swapper's, which a warm-up never uses; subclasses with counters reset theirs."""
-
-    def _streams_layers(self) -> bool:
-        from wicore.runtime.offload import StreamingTorchBackend  # offload imports this module
-
-        return isinstance(self, StreamingTorchBackend)
 
     # ----- requests --------------------------------------------------------------
     def add_request(self, req: Request) -> None:

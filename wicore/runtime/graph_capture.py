@@ -3,6 +3,9 @@
 The warm-up runs first (cuBLAS handles and workspaces, allocator growth, any value a forward caches on
 its first call, such as the Gemma embedding scale) on a side stream, as capture requires; the capture
 then records one call. ``GraphDecode``, ``GraphPrefill`` and ``GraphedDecoder`` share this.
+
+A model whose layers a ``LayerStreamer`` streams (``model.layer_streamer``) can be captured only on the
+streamer's graph-safe schedule; ``replay_counter`` refuses the other one and gives what each replay must call.
 """
 
 from __future__ import annotations
@@ -12,7 +15,22 @@ from typing import Any, TypeVar
 
 import torch
 
+from wicore.errors import ConfigError
+
 T = TypeVar("T")
+
+
+def replay_counter(model: Any, who: str) -> Callable[[], None] | None:
+    """The ``replayed`` counter of ``model``'s layer streamer (None: no streamed layers). A streamer on the
+    cycle schedule cannot be captured: its copies run ahead across forwards and are timed by host queries."""
+    streamer = getattr(model, "layer_streamer", None)
+    if streamer is None:
+        return None
+    if not streamer.per_forward:
+        raise ConfigError(f"{who}: the model streams layers on the cycle schedule, which a CUDA graph cannot hold; "
+                          "build the streamer with schedule='forward' (experiments.run_torch does when graphs are on)")
+    counter: Callable[[], None] = streamer.replayed
+    return counter
 
 
 def capture(device: torch.device, forward: Callable[[], T], warmup: int,

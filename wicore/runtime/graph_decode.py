@@ -57,7 +57,7 @@ from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.transformer import Transformer
 from wicore.runtime.buckets import bucket_of, default_buckets
-from wicore.runtime.graph_capture import capture
+from wicore.runtime.graph_capture import capture, replay_counter
 
 __all__ = ["GraphDecode", "default_buckets"]
 
@@ -97,6 +97,7 @@ class GraphDecode:
         self.warmup = max(1, warmup)
         self._buckets: dict[int, _Bucket] = {}
         self._pool: Any = pool  # the graphs' shared memory pool handle (None: made on the first capture)
+        self.on_replay = replay_counter(model, "GraphDecode") if self.mode == "graph" else None  # streamed layers
         self.captures = 0  # graphs captured so far
         self.capture_s = 0.0  # wall time spent warming up and capturing
         self.calls = 0
@@ -168,6 +169,8 @@ class GraphDecode:
         self.calls += 1
         if bk.graph is not None:
             bk.graph.replay()
+            if self.on_replay is not None:
+                self.on_replay()
             assert bk.logits is not None
             return bk.logits, bk.mass
         return self._forward(bk)

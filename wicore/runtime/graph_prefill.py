@@ -47,7 +47,7 @@ from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.transformer import Transformer
 from wicore.runtime.buckets import bucket_of, prefill_buckets
-from wicore.runtime.graph_capture import capture
+from wicore.runtime.graph_capture import capture, replay_counter
 
 __all__ = ["GraphPrefill", "prefill_buckets"]
 
@@ -79,6 +79,7 @@ class GraphPrefill:
         self.warmup = max(1, warmup)
         self._buckets: dict[int, _Bucket] = {}
         self._pool = pool
+        self.on_replay = replay_counter(model, "GraphPrefill") if self.mode == "graph" else None  # streamed layers
         self.captures = 0
         self.capture_s = 0.0
         self.calls = 0
@@ -136,6 +137,8 @@ class GraphPrefill:
             bk.inputs.copy_(host, non_blocking=cuda)
         if bk.graph is not None:
             bk.graph.replay()
+            if self.on_replay is not None:
+                self.on_replay()
             assert bk.logits is not None
             return bk.logits
         return self._forward(bk)

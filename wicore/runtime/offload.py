@@ -48,6 +48,18 @@ achieved drive bandwidth, and the time the host waited for reads (``disk_wait_s`
 bottleneck). A forward that raised half-way or a layer called out of order costs one full
 synchronisation (and the wait for the reads in flight) and restarts the cycle there.
 
+Graph-safe schedule (``schedule="forward"``, host blocks only): what a CUDA graph of a whole forward can
+hold, so ``GraphDecode`` / ``GraphPrefill`` capture the streamed model too (``backend.cuda_graphs`` /
+``backend.prefill_graphs`` with ``memory.offload_to=cpu``). Every forward starts the cycle afresh: layer
+``j`` (in stream order) always runs from slot ``j % buffers``, the first ``lookahead + 1`` copies are
+enqueued when the forward starts (the copy stream first waits for everything already on the compute
+stream: the previous forward's use of every slot) and the compute stream waits for the copy stream when
+the forward ends (so a capture joins it). Inside the forward the waits are the same events as above; no
+copy is timed (CUDA events with timing and ``query`` cannot sit in a captured graph), so ``copy_s`` stays
+0 and the achieved bandwidth is unknown. A replayed forward runs no hook: the graph's owner calls
+``replayed()`` to count its bytes. The price: a forward's first copy no longer overlaps the end of the
+previous forward, only the resident layers in front of the first streamed layer.
+
 Limits of the NVMe tier: one reader thread with one read in flight (large reads keep an NVMe queue busy,
 small layers are latency-bound); the host blocks before enqueueing a copy whose read is late, so with
 a slow drive the GPU idles (one full tier read per forward: the drive's bandwidth bounds the decode
@@ -83,6 +95,7 @@ from wicore.types import OpTiming, StepPlan, StepResult
 
 HOST_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
 SOURCES = ("host", "nvme")
+SCHEDULES = ("cycle", "forward")
 Fill = Callable[[str, Tensor], Tensor]  # (full parameter name, meta/host parameter) -> values
 
 
@@ -131,13 +144,14 @@ class LayerStreamer:
     streamed layers may be on the CPU (packed from there) or on the meta device (values from ``fill``).
     ``source="nvme"``: the blocks are written to ``store`` (default: a store in a temporary directory)
     instead of host memory and read back every forward into ``staging`` host buffers (default
-    ``max(2, buffers)``); the streamer closes the store.
+    ``max(2, buffers)``); the streamer closes the store. ``schedule``: "cycle" (copies run ahead across
+    forwards) or "forward" (graph-safe: each forward is self-contained; host blocks only).
     """
 
     def __init__(self, model: Transformer, streamed: Iterable[int], device: torch.device | str,
                  host_format: str | None = "auto", buffers: int = 2, lookahead: int = 1,
                  fill: Fill | None = None, pin: str = "auto", source: str = "host",
-                 store: NvmeStore | None = None, staging: int | None = None) -> None:
+                 store: NvmeStore | None = None, staging: int | None = None, schedule: str = "cycle") -> None:
         if source not in SOURCES:
             raise ConfigError(f"offload: unknown source '{source}', use one of {list(SOURCES)}")
         fmt = nvme_host_format(host_format) if source == "nvme" else host_format or "auto"
@@ -146,7 +160,14 @@ class LayerStreamer:
         if buffers < 1 or lookahead < 0 or (staging is not None and staging < 1):
             raise ConfigError(f"offload: buffers and staging must be >= 1 and lookahead >= 0, got {buffers}, "
                               f"{staging}, {lookahead}")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"offload: unknown schedule '{schedule}', use one of {list(SCHEDULES)}")
+        if schedule == "forward" and source == "nvme":
+            raise ConfigError("offload: the graph-safe schedule (CUDA graphs over streamed layers) needs the layers in "
+                              "host memory: the NVMe tier waits for its reads on the host; use memory.offload_to=cpu "
+                              "or backend.cuda_graphs=false backend.prefill_graphs=false")
         self.model, self.device, self.host_format, self.source = model, torch.device(device), fmt, source
+        self.per_forward = schedule == "forward"
         self.order = sorted(set(int(i) for i in streamed))
         bad = [i for i in self.order if not 0 <= i < len(model.layers)]
         if bad:
@@ -199,6 +220,7 @@ class LayerStreamer:
         self.reset_counters()
         self._hooks: list[Any] = []
         if self.order:
+            setattr(model, "layer_streamer", self)  # how the graphs find the replay counter (removed by close)
             self._hooks += [model.register_forward_pre_hook(self._pre_model),
                             model.register_forward_hook(self._post_model)]
             for j, layer in enumerate(layers):
@@ -261,7 +283,12 @@ class LayerStreamer:
         return view_of(self.slots[slot], offset, e.scale_nbytes, torch.float16, (e.numel // GROUP, 1))
 
     # ----- the schedule --------------------------------------------------------------------------
+    def _capturing(self) -> bool:
+        return self.cuda and torch.cuda.is_current_stream_capturing()
+
     def _issue_until(self, c: int) -> None:
+        if self.per_forward:  # never past this forward's last layer
+            c = min(c, len(self.order) - 1)
         while self._issued <= c:
             self._issue(self._issued)
             self._issued += 1
@@ -272,7 +299,16 @@ class LayerStreamer:
         dst = self.slots[slot][:nbytes]
         src = self.host[j] if self.reader is None else self.reader.take(c)  # NVMe: wait for read c
         end: Any = None
-        if self._copy_stream is not None:
+        if self._copy_stream is not None and self.per_forward:  # no timing, no wait on another forward's event
+            s = self._copy_stream
+            if c >= self.buffers:
+                s.wait_event(self._free[slot])
+            end = torch.cuda.Event()
+            with torch.cuda.stream(s):
+                dst.copy_(src, non_blocking=True)
+                end.record(s)
+            self._ready[slot] = end
+        elif self._copy_stream is not None:
             s = self._copy_stream
             s.wait_event(self._free[slot])
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -289,22 +325,45 @@ class LayerStreamer:
             self.timed_bytes += nbytes
         if self.reader is not None:  # the staging buffer is free once the copy is: read c + staging into it
             self.reader.release(c, end)
-        self.bytes_copied += nbytes
-        self.copies += 1
+        if not self._capturing():  # a capture only records the copy: replayed() counts each replay
+            self.bytes_copied += nbytes
+            self.copies += 1
 
     def _pre_model(self, module: nn.Module, args: Any) -> None:
-        if self._executed % len(self.order):  # the previous forward stopped half-way
-            self._resync(0)
         self._fwd_bytes = 0
-        self._harvest()
+        if self.per_forward:
+            if self._executed not in (0, len(self.order)):  # the previous forward stopped half-way
+                self._point_at_host()
+                self.resyncs += 1
+            self._executed = self._issued = 0
+            if self._copy_stream is not None:  # fork: after everything on the compute stream (every slot's last use)
+                self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        else:
+            if self._executed % len(self.order):  # the previous forward stopped half-way
+                self._resync(0)
+            self._harvest()
         self._issue_until(self._executed + self.lookahead)
 
     def _post_model(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.per_forward and self._copy_stream is not None:  # join (a capture must end with it joined)
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        if not self._capturing():
+            self.forwards += 1
+            self.last_forward_bytes = self._fwd_bytes
+
+    def replayed(self) -> None:
+        """A captured forward was replayed (no hook ran): count the bytes its copies moved."""
         self.forwards += 1
-        self.last_forward_bytes = self._fwd_bytes
+        self.copies += len(self.order)
+        self.bytes_copied += self.bytes_per_forward
+        self.last_forward_bytes = self.bytes_per_forward
 
     def _pre_layer(self, j: int, module: nn.Module, args: Any) -> None:
-        if self._executed % len(self.order) != j:
+        expected = self._executed if self.per_forward else self._executed % len(self.order)
+        if expected != j:
+            if self._capturing():
+                raise RuntimeError(f"LayerStreamer: streamed layer {self.order[j]} called out of order while a CUDA "
+                                   "graph is captured")
             self._resync(j)
         c = self._executed
         slot = c % self.buffers
@@ -342,12 +401,16 @@ class LayerStreamer:
         self.synchronize()
         if self.reader is not None:
             self.reader.drain()
+        self._point_at_host()
+        self._executed = self._issued = j
+        self.resyncs += 1
+
+    def _point_at_host(self) -> None:
+        """Direct mode: every streamed parameter back on its host view (a forward may have stopped in a layer)."""
         if self.direct:
             for ps, hv in zip(self.params, self.host_views):
                 for p, v in zip(ps, hv):
                     p.data = v
-        self._executed = self._issued = j
-        self.resyncs += 1
 
     # ----- counters --------------------------------------------------------------------------------
     def _harvest(self, wait: bool = False) -> None:
@@ -385,6 +448,7 @@ class LayerStreamer:
         return {"streamed_layers": list(self.order), "num_streamed": len(self.order),
                 "host_format": self.host_format, "mode": "direct" if self.direct else "convert",
                 "buffers": self.buffers, "lookahead": self.lookahead, "pinned_with": self.pinned_with,
+                "schedule": "forward" if self.per_forward else "cycle",
                 "host_bytes": sum(b.numel() for b in self.host),  # blocks kept in host memory (0: NVMe)
                 "device_buffer_bytes": sum(t.numel() for t in [*self.slots, self.compute]),
                 "bytes_per_forward": self.bytes_per_forward, "last_forward_bytes": self.last_forward_bytes,
@@ -422,13 +486,16 @@ class LayerStreamer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if getattr(self.model, "layer_streamer", None) is self:
+            delattr(self.model, "layer_streamer")
         self._finalizer()
 
 
 def offload_model(model: Transformer, streamed_layers: Iterable[int], device: torch.device | str,
                   host_format: str | None = "bf16", buffers: int = 2, lookahead: int = 1,
                   fill: Fill | None = None, pin: str = "auto", source: str = "host",
-                  store: NvmeStore | None = None, staging: int | None = None) -> LayerStreamer:
+                  store: NvmeStore | None = None, staging: int | None = None,
+                  schedule: str = "cycle") -> LayerStreamer:
     """Move everything but ``streamed_layers`` to ``device`` (meta parameters are materialised there,
     from ``fill`` when given, else uninitialised) and stream those layers from host memory.
 
@@ -436,7 +503,8 @@ def offload_model(model: Transformer, streamed_layers: Iterable[int], device: to
     when it differs from the model dtype), "int8" (Q8_0) / "int4" (Q4_1-like), dequantized on the device.
     ``pin``: "auto" (cudaHostRegister, else pin_memory), "register", "pin_memory" or "none" (ignored off
     CUDA). ``source="nvme"``: the streamed layers go to ``store`` (int4 or int8; "auto" = int4) and are
-    read back every forward (``staging`` host buffers); they are not kept in host memory.
+    read back every forward (``staging`` host buffers); they are not kept in host memory. ``schedule``:
+    "forward" makes every forward self-contained, so CUDA graphs can capture it (host blocks only).
     """
     dev = torch.device(device)
     streamed = sorted(set(int(i) for i in streamed_layers))
@@ -451,7 +519,8 @@ def offload_model(model: Transformer, streamed_layers: Iterable[int], device: to
             elif p.device != dev:
                 p.data = p.data.to(dev)
     model.init_rope(dev)
-    return LayerStreamer(model, streamed, dev, host_format, buffers, lookahead, fill, pin, source, store, staging)
+    return LayerStreamer(model, streamed, dev, host_format, buffers, lookahead, fill, pin, source, store, staging,
+                         schedule)
 
 
 class StreamingTorchBackend(TorchBackend):

@@ -186,9 +186,10 @@ def load_model(source: ModelSpec | str | Path, device: torch.device, dtype: str 
 
 
 def _stream(model: Transformer, spec: ModelSpec, device: torch.device, budget_gib: float,
-            notes: dict[str, Any]) -> tuple[Any, list[int]]:
+            notes: dict[str, Any], graphs: bool = False) -> tuple[Any, list[int]]:
     """Stream the layers the static placement (default memory config) leaves off a GPU of ``budget_gib``
-    from host memory, as ``backend.gpu_budget_gib`` does on the real runtime."""
+    from host memory, as ``backend.gpu_budget_gib`` does on the real runtime (``graphs``: on the graph-safe
+    schedule, as runs with CUDA graphs do)."""
     from wicore.memory.placement import MemoryConfig, StaticPlacement
     from wicore.runtime.offload import offload_model
 
@@ -204,7 +205,7 @@ def _stream(model: Transformer, spec: ModelSpec, device: torch.device, budget_gi
         return None, []
     model.to("cpu")  # the streamer moves the resident part back and keeps the streamed layers on the host
     streamer = offload_model(model, streamed, device, host_format="auto", buffers=mem.stream_buffer_layers,
-                             lookahead=mem.stream_buffer_layers - 1)
+                             lookahead=mem.stream_buffer_layers - 1, schedule="forward" if graphs else "cycle")
     notes["gpu_budget"] = (f"{budget_gib} GiB: {len(streamed)} of {spec.num_layers} layers streamed from host "
                            "memory every forward (static placement, default memory config)")
     return streamer, streamed
@@ -282,7 +283,8 @@ def _backend(run: _Run, batch: int, prompt: int, page_tokens: int, measure: bool
         from wicore.runtime.offload import StreamingTorchBackend
 
         be = StreamingTorchBackend(run.model, run.cache, time.perf_counter(), streamer=run.streamer, seed=0,
-                                   measure_attention=measure, page_tokens=page_tokens)
+                                   measure_attention=measure, page_tokens=page_tokens, cuda_graphs=graphs,
+                                   prefill_graphs=run.prefill_graphs)
     else:
         be = TorchBackend(run.model, run.cache, time.perf_counter(), seed=0, measure_attention=measure,
                           page_tokens=page_tokens, cuda_graphs=graphs, prefill_graphs=run.prefill_graphs)
@@ -491,9 +493,6 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     g = grid or (ProfileGrid.quick() if quick else ProfileGrid())
     if g.reps < 1 or g.warmup < 0:
         raise ConfigError(f"profile grid: reps must be >= 1 and warmup >= 0, got {g.reps}, {g.warmup}")
-    if gpu_budget_gib is not None and (cuda_graphs or prefill_graphs):
-        raise ConfigError("profile: --cuda-graphs / --prefill-graphs with --gpu-budget-gib: the runtime runs a model "
-                          "with streamed layers eagerly; drop the graph flags")
     if pp < 1:
         raise ConfigError(f"profile --pp: must be >= 1, got {pp}")
     if pp > 1:
@@ -515,7 +514,8 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     model, spec, source = load_model(spec_or_checkpoint, dev, dtype, seed)
     max_len = min(int(max_len), spec.max_context)
     notes: dict[str, Any] = {}
-    streamer, streamed = (_stream(model, spec, dev, gpu_budget_gib, notes) if gpu_budget_gib is not None
+    streamer, streamed = (_stream(model, spec, dev, gpu_budget_gib, notes, cuda_graphs or prefill_graphs)
+                          if gpu_budget_gib is not None
                           else (None, []))
     tdt = to_torch_dtype(spec.dtype)
     want = max([*g.decode_batches, *(b for b, _ in g.check_points), 2 if g.steps else 1])  # prefill_step_pair: 2
@@ -547,7 +547,9 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     meta = {**_run_meta(dev, run.name, source, spec.dtype, max_len, page_tokens, quick, g, t_start),
             "device_name": dname, "kv_slots": slots, "cuda_graphs": bool(cuda_graphs), "pp": 1,
             "prefill_graph_buckets": list(prefill_buckets(max_len)) if prefill_graphs else None,
-            "gpu_budget_gib": gpu_budget_gib, "streamed_layers": streamed, "skipped": skipped, "notes": notes,
+            "gpu_budget_gib": gpu_budget_gib, "streamed_layers": streamed,
+            "stream_schedule": ("forward" if streamer.per_forward else "cycle") if streamer is not None else None,
+            "skipped": skipped, "notes": notes,
             "summary": summarize(run.rows)}
     path = CalibrationTable.write(out_csv, run.rows, meta)
     say(f"wrote {len(run.rows)} rows to {path} in {meta['profile_s']} s")
