@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv2 | pp-fidelity | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv2 | pv-offload | pp-fidelity | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -30,6 +30,16 @@ profile_streamed() {
       > "$R/calibration/log_gpu${b}g.txt" 2>&1
     tail -1 "$R/calibration/log_gpu${b}g.txt"; date
   done
+}
+
+# validate --profile over the 1-GPU entries with CUDA graphs (profiled in the validation's own process)
+G="--torch-extra backend.cuda_graphs=true backend.prefill_graphs=true --profile-grid reps=12 --profile-grid rounds=3"
+# the GPU tests, then the offloaded entries (streamed layers inside the graphs) twice: pv_offload TIMEOUT
+pv_offload() {
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_stream.py tests/test_graph_prefill.py \
+    tests/test_graph_decode.py tests/test_kv_swap.py tests/test_nvme_tier.py > "$R/gpu_tests.txt" 2>&1
+  timeout "$1" python3 -m experiments.validate --backends torch --skip-2gpu --profile --repeat \
+    --out "$R/validation_offload" --only '*gpu4*' $G $STREAM_PGRID > "$R/validate_offload_log.txt" 2>&1
 }
 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$R/torch.txt"
@@ -239,17 +249,17 @@ PY
     # 2 GPUs in one call, two processes that each profile their own tables (validate --profile): GPU 1 the resident
     # 1-GPU entries; GPU 0 the GPU tests, then the offloaded entries (streamed layers inside the CUDA graphs). Both
     # twice (--repeat). On the CPU VM afterwards: validate --backends sim --profile --out <each folder>
-    G="--torch-extra backend.cuda_graphs=true backend.prefill_graphs=true --profile-grid reps=12 --profile-grid rounds=3"
-    (CUDA_VISIBLE_DEVICES=0 timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_stream.py \
-       tests/test_graph_prefill.py tests/test_graph_decode.py tests/test_kv_swap.py tests/test_nvme_tier.py \
-       > "$R/gpu_tests.txt" 2>&1
-     CUDA_VISIBLE_DEVICES=0 timeout 390 python3 -m experiments.validate --backends torch --skip-2gpu --profile --repeat \
-       --out "$R/validation_offload" --only '*gpu4*' $G $STREAM_PGRID > "$R/validate_offload_log.txt" 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 pv_offload 390 &
     CUDA_VISIBLE_DEVICES=1 timeout 575 python3 -m experiments.validate --backends torch --skip-2gpu --profile --repeat \
       --out "$R/validation" --only 'tiny-*,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked,1b-c16-mixed-*,*-fp16' $G \
       > "$R/validate_log.txt" 2>&1 &
     wait
     tail -3 "$R/gpu_tests.txt"; grep -hE "runs ok|^profile" "$R/validate_offload_log.txt" "$R/validate_log.txt" | tail -20; date
+    ;;
+  pv-offload)
+    # 1 GPU: pv2's GPU-0 half alone (the GPU tests, then the offloaded entries profiled and validated in one process)
+    pv_offload 420
+    tail -3 "$R/gpu_tests.txt"; grep -E "^\[|runs ok|^profile" "$R/validate_offload_log.txt" | tail -20; date
     ;;
   pp-fidelity)
     # 2 GPUs: whole pipeline steps for the grid's pp2 entries, then those entries on the real runtime (same lease).

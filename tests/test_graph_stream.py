@@ -34,6 +34,7 @@ def test_graphs_replay_the_streamed_forward(host_format):
     gcache, ecache = KVCache(spec, slots + 1, max_len, dev), KVCache(spec, slots + 1, max_len, dev)
     gp, gd = GraphPrefill(streamed_model, gcache), GraphDecode(streamed_model, gcache, scratch_slot=slots)
     assert gp.mode == gd.mode == "graph" and gd.on_replay == st.replayed
+    assert st.pinned_with == "pin_memory"  # a capture refuses copies from cudaHostRegister'ed blocks
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, spec.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 30)]
     with torch.inference_mode():

@@ -58,7 +58,9 @@ the forward ends (so a capture joins it). Inside the forward the waits are the s
 copy is timed (CUDA events with timing and ``query`` cannot sit in a captured graph), so ``copy_s`` stays
 0 and the achieved bandwidth is unknown. A replayed forward runs no hook: the graph's owner calls
 ``replayed()`` to count its bytes. The price: a forward's first copy no longer overlaps the end of the
-previous forward, only the resident layers in front of the first streamed layer.
+previous forward, only the resident layers in front of the first streamed layer. The host blocks come
+from torch's pinned allocator (``pin_memory``, rounded up to a power of two), since a capture refuses
+copies from memory pinned with ``cudaHostRegister``.
 
 Limits of the NVMe tier: one reader thread with one read in flight (large reads keep an NVMe queue busy,
 small layers are latency-bound); the host blocks before enqueueing a copy whose read is late, so with
@@ -174,7 +176,11 @@ class LayerStreamer:
             raise ConfigError(f"offload: layers {bad} do not exist (the model has {len(model.layers)})")
         self.buffers, self.lookahead = buffers, min(lookahead, buffers - 1)
         self.cuda = self.device.type == "cuda"
-        self.pin = pin if self.cuda else "none"
+        if self.per_forward and pin == "register":
+            raise ConfigError("offload: the graph-safe schedule needs blocks from torch's pinned allocator (a CUDA graph "
+                              "capture refuses copies from cudaHostRegister'ed memory); use pin='auto' or 'pin_memory'")
+        # a capture accepts copies only from torch's own pinned memory: the graph-safe schedule allocates with it
+        self.pin = ("pin_memory" if self.per_forward and pin == "auto" else pin) if self.cuda else "none"
         self.store = (store or NvmeStore()) if source == "nvme" else None
         self.reader: Reader | None = None
         self.pinned_with = ""
@@ -220,7 +226,7 @@ class LayerStreamer:
         self.reset_counters()
         self._hooks: list[Any] = []
         if self.order:
-            setattr(model, "layer_streamer", self)  # how the graphs find the replay counter (removed by close)
+            model.__dict__["layer_streamer"] = self  # how the graphs find the replay counter (removed by close)
             self._hooks += [model.register_forward_pre_hook(self._pre_model),
                             model.register_forward_hook(self._post_model)]
             for j, layer in enumerate(layers):
@@ -486,8 +492,8 @@ class LayerStreamer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        if getattr(self.model, "layer_streamer", None) is self:
-            delattr(self.model, "layer_streamer")
+        if self.model.__dict__.get("layer_streamer") is self:
+            del self.model.__dict__["layer_streamer"]
         self._finalizer()
 
 
