@@ -17,11 +17,19 @@
 
 Without streaming, or with a single forward, this is ``SimBackend.execute``
 with the calibrated cost of the whole step.
+
+A table profiled under the run's GPU budget (``wicore profile --gpu-budget-gib``,
+meta ``streamed_layers``) timed its steps with the layers streamed: the copies,
+and how well they hid behind the layers, are already inside the measured costs.
+Such a step is not gated on modelled copies again: it lasts its measured time,
+and its streamed bytes are reported as one ``fetch`` over the step, as
+``StreamingTorchBackend`` reports them (no separate copy time).
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import simpy
@@ -29,7 +37,7 @@ import simpy
 from sim.backend import SimBackend
 from sim.calibrated_cost import CalibratedCostModel, sum_costs
 from sim.hardware import Machine
-from wicore.types import MemoryOp, StepPlan, StepResult
+from wicore.types import MemoryOp, OpTiming, StepPlan, StepResult
 
 
 def _merge(results: list[StepResult]) -> StepResult:
@@ -71,6 +79,10 @@ class CalibratedSimBackend(SimBackend):
         if overhead > 0:
             yield env.timeout(overhead)
         passes = self.cost.passes(plan.items)
+        if self.restream and self.cost.streams_measured and plan.memory_ops:
+            streamed = self._streamed_ops(plan.memory_ops)
+            if streamed:
+                return (yield from self._measured_streaming(plan, passes, streamed))
         streamed = self._streamed_ops(plan.memory_ops) if self.restream and len(passes) > 1 else ()
         if not streamed:
             return (yield from SimBackend.execute(self, plan, sum_costs(passes)))
@@ -79,3 +91,16 @@ class CalibratedSimBackend(SimBackend):
         for pc in passes[1:]:
             results.append((yield from SimBackend.execute(self, again, pc)))
         return _merge(results)
+
+    def _measured_streaming(self, plan: StepPlan, passes: list[Any],
+                            streamed: tuple[MemoryOp, ...]) -> Generator[simpy.Event, Any, StepResult]:
+        """A step whose measured cost already holds its weight streaming: its other memory ops as usual, its
+        time the measured one, and every forward's streamed bytes as one fetch over the step."""
+        ids = {id(op) for op in streamed}
+        rest = tuple(op for op in plan.memory_ops if id(op) not in ids)
+        result = yield from SimBackend.execute(self, replace(plan, memory_ops=rest), sum_costs(passes))
+        moved = len(passes) * sum(op.nbytes for op in streamed)
+        result.link_bytes += moved
+        if plan.step_id <= self.record_steps:
+            result.ops.append(OpTiming("fetch", f"pcie{streamed[0].device}", result.start, result.end, moved))
+        return result

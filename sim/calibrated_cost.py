@@ -143,6 +143,9 @@ class CalibratedCostModel(CostModel):
         # CUDA-graph prefill: a chunk runs (and costs) its length bucket while the padded chunk fits max_len
         self.prefill_buckets = tuple(int(b) for b in meta.get("prefill_graph_buckets") or ())
         self.max_len = int(meta.get("max_len") or 0)
+        # profiled under a GPU budget (``wicore profile --gpu-budget-gib``): the steps were timed with the non-resident
+        # layers streamed, so the copies (and how far they hid behind the layers) are inside the measured times
+        self.streams_measured = bool(meta.get("streamed_layers"))
         # without forward timings for this model the step is the plain (fused) roofline
         self.active = (table.has("prefill_forward", name, dtype) or table.has(self.decode_op, name, dtype)
                        or self.whole_decode or self.whole_prefill)
@@ -268,6 +271,8 @@ class CalibratedCostModel(CostModel):
                 "measure_attention": self.measure_attention, "steps": self.steps, "ops": ops,
                 "whole_steps": used, "cuda_graphs": self.cuda_graphs, "graph_buckets": list(self.buckets),
                 "prefill_graph_buckets": list(self.prefill_buckets), "pp": self.pp,
+                "weight_streaming": ("measured: inside the steps' times (profiled under the GPU budget)"
+                                     if self.streams_measured else "modelled: link bandwidth, overlapped per layer"),
                 "links": self.links}
 
 

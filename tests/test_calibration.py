@@ -399,6 +399,36 @@ def test_every_forward_streams_the_offloaded_layers_again():
     assert (steps["stall_s"] >= 0).all()
 
 
+def test_a_table_profiled_under_the_budget_holds_the_streaming_in_its_steps(tmp_path):
+    """Steps timed with the layers streamed (meta streamed_layers) already hold the copies: the simulator does not
+    gate them on modelled copies again. A decode step lasts its measured time with no stall, and moves the streamed
+    bytes, reported as one fetch over the step. The same rows without that meta stall on a slow link."""
+    table, extra = _whole_step_table(tmp_path, True)
+    meta_path = Path(str(table) + ".meta.json")
+    meta = json.loads(meta_path.read_text())
+    plain = CalibrationTable.write(tmp_path / "plain.csv", CalibrationTable.load(table).rows, meta)
+    meta["streamed_layers"] = [0, 1, 2, 3, 4, 5]
+    meta_path.write_text(json.dumps(meta))
+    tight = ["hardware.gpu.memory_gib=0.0006", "memory.workspace_gib=0", "memory.kv_min_gib=0.00008",
+             "hardware.pcie.bandwidth_gbps=0.05", "backend.measure_attention=false", "workload.num_requests=3",
+             "workload.concurrency=3", "workload.prompt.kind=fixed", "workload.prompt.value=16",
+             "workload.output.kind=fixed", "workload.output.value=3"]
+    runs = {}
+    for name, t in (("measured", table), ("modelled", plain)):
+        cfg = make_cfg(*[o for o in BASE if not o.startswith("backend.")], *tight, f"backend.calibration={t}")
+        setup, steps = _run(cfg)
+        runs[name] = (setup, steps[steps["prefill_tokens"] == 0])
+    setup, dec = runs["measured"]
+    per_step = setup.placements[0].offloaded_bytes  # type: ignore[attr-defined]
+    assert per_step > 0 and len(dec) == 2
+    # batch 3 runs the graph bucket 4; contexts 16 and 17 (1e-5 s a token: within 0.1 %)
+    assert all(_close(d, extra[("decode_step", 4, 16)], 0.001) for d in dec["duration"])
+    assert (dec["stall_s"] == 0).all() and (dec["link_bytes"] == per_step).all()
+    assert setup.cost.sources()["weight_streaming"].startswith("measured")  # type: ignore[attr-defined]
+    _, slow = runs["modelled"]
+    assert (slow["stall_s"] > 0).all() and (slow["duration"] > dec["duration"].max()).all()
+
+
 def test_measured_pinned_copies_set_the_link_bandwidth(tmp_path):
     rows = [dict(r) for r in _rows()]
     for n in (2**20, 2**26):
