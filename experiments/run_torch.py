@@ -36,7 +36,7 @@ class TorchSetup:
     placement: StaticPlacement
     t0: float
     pp: int = 1  # pipeline stages (backend: a PipelineBackend when > 1; close() it when done)
-    warmup: dict[str, Any] | None = None  # what the warm-up ran (None: backend.warmup=false, or pipeline)
+    warmup: dict[str, Any] | None = None  # what the warm-up ran (None: backend.warmup=false)
 
 
 def torch_pipeline_depth(cfg: DictConfig) -> int:
@@ -75,9 +75,16 @@ def _build_pipeline(cfg: DictConfig, spec: ModelSpec, hw: HardwareSpec, placemen
     recorder = Recorder()
     engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder)
     backend = pipeline.launch(pcfg)
+    # warmed up as one GPU is (the first step through the ranks otherwise pays their lazy set-up: 0.8-1.1 s
+    # on 2 H200s), with greedy requests, which leave the last rank's sampling generator untouched
+    try:
+        warmed = _warm_up(cfg, backend, workload, max_len) if bool(bc.get("warmup", True)) else None
+    except BaseException:  # a rank failed during the warm-up: stop the others before reporting it
+        backend.close()
+        raise
     t0 = time.perf_counter()
     backend.t0 = t0
-    return TorchSetup(engine, backend, workload, recorder, hw, spec, placement, t0, len(devices))
+    return TorchSetup(engine, backend, workload, recorder, hw, spec, placement, t0, len(devices), warmup=warmed)
 
 
 def _mor_runtime(cfg: DictConfig, router: Any, model: Any, cache: Any) -> Any:

@@ -31,6 +31,7 @@ from wicore.runtime import pipeline  # noqa: E402
 from wicore.runtime.backend import TorchBackend  # noqa: E402
 from wicore.runtime.pipeline import Fault, PipelineConfig, PipelineError, pipeline_devices  # noqa: E402
 from wicore.runtime.stage import build_stage  # noqa: E402
+from wicore.runtime.warmup import warm_up  # noqa: E402
 from wicore.types import BatchItem, Phase, Request, StepPlan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,6 +178,8 @@ def small(**kw: object) -> PipelineConfig:
 def test_pp2_gives_the_tokens_and_attention_mass_of_one_device():
     with pipeline.launch(small()) as pipe:
         assert [s["layers"] for s in pipe.stage_stats()] == ["0-2", "3-5"]
+        # the run's warm-up (greedy throw-away requests) leaves the last rank's sampling generator as it was
+        assert warm_up(pipe, 16, [3])["decode_batches"] == [3] and not pipe.slots
         t = Twin(pipe)
         t.add(0, 20)
         t.add(1, 7, temperature=0.8, top_k=20, top_p=0.9)  # sampled: the last rank's seeded generator
@@ -267,8 +270,8 @@ def failing(monkeypatch, fault: Fault, step_timeout_s: float = 30.0) -> dict[str
 def test_a_failing_rank_is_an_error_on_rank_0_not_a_hang(monkeypatch, tmp_path, fault, match):
     timeout = 3.0 if fault.mode == "hang" else 30.0
     when = failing(monkeypatch, fault, step_timeout_s=timeout)
-    with pytest.raises(PipelineError, match=match):
-        run_keeping_tokens(monkeypatch, tmp_path, "parallel=pp")
+    with pytest.raises(PipelineError, match=match):  # the fault's step counts the run's steps: no warm-up
+        run_keeping_tokens(monkeypatch, tmp_path, "parallel=pp", "backend.warmup=false")
     took = time.perf_counter() - when["ready"]
     assert took < timeout / 2 if fault.mode != "hang" else timeout <= took < 3 * timeout  # the failure, not a timeout
 

@@ -117,8 +117,11 @@ class StageExecutor:
             return torch.zeros(0, dtype=torch.float64)
         rows, pages = (int(mass.shape[0]), int(mass.shape[1])) if mass is not None else (0, 0)
         self.counts = (desc.n_emit, rows, pages)
-        tokens = sample(torch.cat(logits), sampling[:, 0].float(), sampling[:, 1].float().long(),
-                        sampling[:, 2].float(), self.generator)
+        if bool((sampling[:, 0] <= 0).all()):  # all greedy (a CPU tensor: no sync): the argmax alone, no noise
+            tokens = torch.cat(logits).argmax(dim=-1)  # drawn, so a greedy warm-up leaves the generator as it was
+        else:
+            tokens = sample(torch.cat(logits), sampling[:, 0].float(), sampling[:, 1].float().long(),
+                            sampling[:, 2].float(), self.generator)
         parts = [tokens.double()] + ([mass.double().flatten()] if mass is not None else [])
         return torch.cat(parts).cpu()
 
