@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv2 | pv-offload | pp-fidelity | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv2 | pv-offload | stream-graphs | pp-validate | pp-fidelity | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -246,6 +246,8 @@ PY
     grep -E "^\[|runs ok|^profile" "$R/validate_log.txt" | tail -70; date
     ;;
   pv2)
+    # Caution: the GPU-0 process builds a 1B model on the host while GPU 1's runs go on, so host-bound configs
+    # (tiny-gemma3) share the CPU with it; prefer pv and pv-offload one after the other where time allows.
     # 2 GPUs in one call, two processes that each profile their own tables (validate --profile): GPU 1 the resident
     # 1-GPU entries; GPU 0 the GPU tests, then the offloaded entries (streamed layers inside the CUDA graphs). Both
     # twice (--repeat). On the CPU VM afterwards: validate --backends sim --profile --out <each folder>
@@ -260,6 +262,25 @@ PY
     # 1 GPU: pv2's GPU-0 half alone (the GPU tests, then the offloaded entries profiled and validated in one process)
     pv_offload 420
     tail -3 "$R/gpu_tests.txt"; grep -E "^\[|runs ok|^profile" "$R/validate_offload_log.txt" | tail -20; date
+    ;;
+  stream-graphs)
+    # 1 GPU: the Gemma-3-1B shape under a 4 GiB budget (16 of 26 layers streamed from host memory), eager, then
+    # with decode and prefill graphs capturing the streamed forward (benchmarks/results/gpu_stream_graphs/)
+    C="backend=torch model=gemma3-1b backend.gpu_budget_gib=4.0 workload.num_requests=16 workload.concurrency=4
+      workload.prompt.kind=fixed workload.prompt.value=128 workload.output.kind=fixed workload.output.value=32
+      progress=false report.enabled=false"
+    for g in false true; do
+      timeout 80 python3 run_experiment.py $C backend.cuda_graphs=$g backend.prefill_graphs=$g \
+        hydra.run.dir="$R/stream_graphs_$g" > "$R/log_$g.txt" 2>&1
+      python3 -c "import json, sys; s = json.load(open(sys.argv[1])); print(sys.argv[2], round(s['output_tokens_per_s'], 1),
+        'tok/s TPOT p50', round(s['tpot_p50'] * 1e3, 2), 'ms')" "$R/stream_graphs_$g/summary.json" "graphs=$g"
+    done
+    ;;
+  pp-validate)
+    # 2 GPUs: the grid's pp2 entries once each on the real runtime (after pp-fidelity on the same lease)
+    timeout 420 python3 -m experiments.validate --backends torch --only '*pp2' --out "$R/validation" \
+      > "$R/validate_log.txt" 2>&1
+    grep -E "^\[|runs ok" "$R/validate_log.txt"; date
     ;;
   pp-fidelity)
     # 2 GPUs: whole pipeline steps for the grid's pp2 entries, then those entries on the real runtime (same lease).

@@ -75,8 +75,9 @@ def _build_pipeline(cfg: DictConfig, spec: ModelSpec, hw: HardwareSpec, placemen
     recorder = Recorder()
     engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder)
     backend = pipeline.launch(pcfg)
-    # warmed up as one GPU is (the first step through the ranks otherwise pays their lazy set-up: 0.8-1.1 s
-    # on 2 H200s), with greedy requests, which leave the last rank's sampling generator untouched
+    # warmed up as one GPU is (otherwise the first step through the ranks pays their lazy set-up: first steps of
+    # 0.62-1.13 s on 2 H200s against 30-42 ms later), with greedy requests, which leave the last rank's sampling
+    # generator untouched
     try:
         warmed = _warm_up(cfg, backend, workload, max_len) if bool(bc.get("warmup", True)) else None
     except BaseException:  # a rank failed during the warm-up: stop the others before reporting it

@@ -7,8 +7,8 @@ every comparison. With ``--profile`` the runner profiles, right before the torch
 process, one table per run shape the selected entries have: the model and dtype, the torch side's
 CUDA-graph settings and ``max_len``, and for an offloaded entry its GPU budget (layers streamed from
 host memory, captured by the graphs as the runtime does; an entry with ``memory.offload_to=nvme`` runs
-eagerly on the runtime, and its shape says so, though the profile streams from host memory). The tables land in ``DIR/calibration/`` and each entry's sim side uses
-the one of its shape. 2-GPU entries are left to ``--calibration-2gpu``.
+eagerly on the runtime, and its shape says so, though the profile streams from host memory). The
+tables land in ``DIR/calibration/`` and each entry's sim side uses the one of its shape. 2-GPU entries are left to ``--calibration-2gpu``.
 """
 
 from __future__ import annotations

@@ -31,8 +31,10 @@ On any other device (tests on CPU) the very same padded static-buffer path runs 
 padding, scratch-slot and slicing logic is exercised without a GPU.
 
 Not graphed (``TorchBackend`` keeps the eager forward): MoR routing (``return_hidden`` and routed
-depths), ``StreamingTorchBackend`` (layers are streamed by hooks inside the forward), and a
-``measure_attention`` setting different from the one the graphs were built with.
+depths), layers streamed on the ``LayerStreamer``'s cycle schedule (the NVMe tier; from host memory
+the graph-safe schedule lets the capture hold the copies: ``wicore.runtime.offload``), and a
+``measure_attention`` setting different from the one the graphs were built with. With streamed
+layers every replay calls the streamer's ``replayed()`` (no hook runs in a replay).
 
 Comparing graph vs eager decode on a GPU (the same engine workload, Gemma-3-1B-shaped, random
 weights); run both and compare ``output_tokens_per_s`` / ``tpot_p50`` in ``summary.json``::

@@ -29,8 +29,8 @@ The first use of a bucket pays its warm-up and capture; ``backend.warmup`` captu
 run can reach before the clock starts. On any other device (tests on CPU) the very same padded path
 runs eagerly.
 
-Not graphed: MoR routing (``return_hidden``), streamed layers (hooks inside the forward), and chunks
-that do not fit (above).
+Not graphed: MoR routing (``return_hidden``), layers streamed on the streamer's cycle schedule (the
+NVMe tier; see ``GraphDecode``), and chunks that do not fit (above).
 """
 
 from __future__ import annotations
