@@ -363,3 +363,18 @@ def test_profile_in_the_validation_process_gives_each_entry_its_table(tmp_path):
     assert sim_cfg["backend"]["calibration"] == str(tables[0].resolve())
     assert main(["--backends", "sim", "--out", str(tmp_path / "empty"), "--profile"]) == 2  # nothing profiled there
     assert main(["--backends", "torch", "--out", str(out), "--profile", "--profile-grid", "nope=1"]) == 2
+
+
+def test_report_flags_real_runs_whose_first_step_starts_late(validation_dir, tmp_path):
+    """Time on the real run's clock before its first step (a set-up cost, a collection) is named, with the config."""
+    out = tmp_path / "v"
+    shutil.copytree(validation_dir, out)
+    assert main(["--report-only", str(out)]) == 0
+    assert "Late real starts" not in (out / "fidelity.md").read_text()
+    path = out / "tiny-c4-short" / "torch" / "steps.parquet"
+    steps = pd.read_parquet(path)
+    steps[["start", "end"]] += 0.05  # everything 50 ms later, as behind a collection at the start of the clock
+    steps.to_parquet(path)
+    assert main(["--report-only", str(out)]) == 0
+    text = (out / "fidelity.md").read_text()
+    assert "**Late real starts:** in 1 of 2 configs" in text and "tiny-c4-short" in text.split("Late real starts")[1]

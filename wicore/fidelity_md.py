@@ -70,6 +70,29 @@ def _targets(stats: pd.DataFrame) -> list[str]:
     return md + [""]
 
 
+LATE_START_S = 0.010  # a real first step later than the simulated one by more than this is flagged
+
+
+def _late_starts(pairs: list[Pair]) -> list[str]:
+    """Configs whose real run starts its first step later than the simulated run does: time on the run's clock
+    before any step (set-up, a collection, lazy initialisation) that requests arriving early wait for."""
+    late = []
+    for p in pairs:
+        rs, ss = p.real.steps, p.sim.steps
+        if len(rs) and len(ss):
+            d = float(rs["start"].min()) - float(ss["start"].min())
+            if d > LATE_START_S:
+                late.append((d, p.config))
+    if not late:
+        return []
+    worst = max(late)
+    return [f"**Late real starts:** in {len(late)} of {len(pairs)} configs the real run's first step starts more than "
+            f"{LATE_START_S * 1e3:.0f} ms after the simulated one's (up to {worst[0] * 1e3:.0f} ms, {worst[1]}). That is "
+            "time on the real run's clock before any step (set-up, a garbage collection, lazy initialisation), which "
+            "every request that arrived before it waits for: their TTFT, E2E and throughput measure it, not the "
+            "steps the simulator models.", ""]
+
+
 def _other(stats: pd.DataFrame) -> list[str]:
     o = stats[~stats["target"].astype(bool)]
     if o.empty:
@@ -218,6 +241,7 @@ def write_markdown(pairs: list[Pair], rows: pd.DataFrame, stats: pd.DataFrame, d
           "Relative error = (sim - real) / real. All rows: [fidelity.csv](fidelity.csv); statistics: "
           "[fidelity_summary.csv](fidelity_summary.csv).", ""]
     md += _targets(stats)
+    md += _late_starts(pairs)
     if groups is not None and len(groups):
         md += _groups(groups)
     if noise is not None and len(noise):
