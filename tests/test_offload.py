@@ -304,6 +304,10 @@ def test_run_torch_graphs_capture_streamed_layers_on_the_forward_schedule():
     assert backend.graph.calls > 0 and backend.prefill_graph.calls > 0
     assert backend.streamer.resyncs == 0
     assert run_tokens(budget)[1].backend.streamer.per_forward is False  # type: ignore[attr-defined]
+    nvme, setup = run_tokens(budget, "memory.offload_to=nvme", "backend.host_format=int8", *graphs)
+    backend = setup.backend  # type: ignore[attr-defined]
+    assert backend.streamer.source == "nvme" and not backend.streamer.per_forward  # the NVMe tier stays eager
+    assert backend.graph is None and backend.prefill_graph is None and len(nvme) == 6
 
 
 # ----- benchmarks/gpu_offload.py on the CPU ---------------------------------------------------------
