@@ -276,6 +276,14 @@ def test_a_failing_rank_is_an_error_on_rank_0_not_a_hang(monkeypatch, tmp_path, 
     assert took < timeout / 2 if fault.mode != "hang" else timeout <= took < 3 * timeout  # the failure, not a timeout
 
 
+def test_a_rank_failing_in_the_warm_up_fails_the_start_up_and_stops_the_ranks(monkeypatch, tmp_path):
+    """The warm-up's steps (negative ids) go through the ranks before the clock: a rank failing there is reported
+    and the pipeline is closed (the autouse check: no process group, no worker left)."""
+    failing(monkeypatch, Fault(1, 2, "raise"))
+    with pytest.raises(PipelineError, match=r"rank 1 failed at step -\d+:(.|\n)*injected fault on rank 1 at step 2"):
+        run_keeping_tokens(monkeypatch, tmp_path, "parallel=pp")
+
+
 @pytest.mark.slow
 def test_a_rank_failing_to_build_its_stage_fails_the_start_up(monkeypatch):
     failing(monkeypatch, Fault(1, 0, "raise"))
