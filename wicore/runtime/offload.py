@@ -305,25 +305,22 @@ class LayerStreamer:
         dst = self.slots[slot][:nbytes]
         src = self.host[j] if self.reader is None else self.reader.take(c)  # NVMe: wait for read c
         end: Any = None
-        if self._copy_stream is not None and self.per_forward:  # no timing, no wait on another forward's event
+        if self._copy_stream is not None:
             s = self._copy_stream
-            if c >= self.buffers:
+            # graph-safe schedule: no timing, and no wait on an event of another forward (the fork orders those)
+            timed = not self.per_forward
+            if timed or c >= self.buffers:
                 s.wait_event(self._free[slot])
-            end = torch.cuda.Event()
+            start = torch.cuda.Event(enable_timing=True) if timed else None
+            end = torch.cuda.Event(enable_timing=timed)
             with torch.cuda.stream(s):
+                if start is not None:
+                    start.record(s)
                 dst.copy_(src, non_blocking=True)
                 end.record(s)
             self._ready[slot] = end
-        elif self._copy_stream is not None:
-            s = self._copy_stream
-            s.wait_event(self._free[slot])
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(s):
-                start.record(s)
-                dst.copy_(src, non_blocking=True)
-                end.record(s)
-            self._ready[slot] = end
-            self._pending.append((start, end, nbytes))
+            if start is not None:
+                self._pending.append((start, end, nbytes))
         else:
             t0 = time.perf_counter()
             dst.copy_(src)
