@@ -47,3 +47,13 @@ def sample(logits: Tensor, temperature: Tensor | float = 0.0, top_k: Tensor | in
     choice = (probs / noise).argmax(dim=-1, keepdim=True)
     sampled = sorted_idx.gather(-1, choice).squeeze(-1)
     return torch.where(greedy, greedy_tokens, sampled)
+
+
+def sample_host_params(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """``sample`` with the per-row parameters in host (CPU) tensors. When every row is greedy, which the host
+    sees without a device sync, it is the argmax alone: no sort of the vocabulary and no noise drawn, so the
+    generator is left as it was (a greedy warm-up does not change what a run samples)."""
+    if bool((temperature <= 0).all()):
+        return logits.argmax(dim=-1)
+    return sample(logits, temperature, top_k, top_p, generator)

@@ -47,7 +47,7 @@ import torch
 
 from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
-from wicore.model.sampling import sample
+from wicore.model.sampling import sample_host_params
 from wicore.model.transformer import ModelOutput, Transformer
 from wicore.runtime.graph_decode import GraphDecode
 from wicore.runtime.graph_prefill import GraphPrefill
@@ -182,17 +182,12 @@ class TorchBackend:
         return step
 
     def _sample(self, rids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """Next tokens [B] of rows ``rids`` from their logits [B, V], with each request's sampling parameters.
-        When every row is greedy (temperature <= 0, known on the host) it is the argmax alone: no sort of the
-        vocabulary, no noise drawn from the generator."""
+        """Next tokens [B] of rows ``rids`` from their logits [B, V], with each request's sampling parameters
+        (all greedy: the argmax alone, ``sample_host_params``)."""
         params = [self.requests[r].sampling or {} for r in rids]
-        temps = [float(p.get("temperature", 0.0)) for p in params]
-        if all(t <= 0 for t in temps):
-            return logits.argmax(dim=-1)
-        dev = self.device
-        return sample(logits, torch.tensor(temps, device=dev),
-                      torch.tensor([float(p.get("top_k", 0)) for p in params], device=dev).long(),
-                      torch.tensor([float(p.get("top_p", 1.0)) for p in params], device=dev), self.generator)
+        return sample_host_params(logits, torch.tensor([float(p.get("temperature", 0.0)) for p in params]),
+                                  torch.tensor([float(p.get("top_k", 0)) for p in params]),
+                                  torch.tensor([float(p.get("top_p", 1.0)) for p in params]), self.generator)
 
     # ----- one step ----------------------------------------------------------------
     @torch.inference_mode()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from wicore.errors import ConfigError
-from wicore.model.sampling import sample
+from wicore.model.sampling import sample_host_params
 from wicore.model.transformer import to_torch_dtype
 from wicore.runtime.pipeline_config import PipelineConfig
 from wicore.runtime.pipeline_wire import (
@@ -117,11 +117,8 @@ class StageExecutor:
             return torch.zeros(0, dtype=torch.float64)
         rows, pages = (int(mass.shape[0]), int(mass.shape[1])) if mass is not None else (0, 0)
         self.counts = (desc.n_emit, rows, pages)
-        if bool((sampling[:, 0] <= 0).all()):  # all greedy (a CPU tensor: no sync): the argmax alone, no noise
-            tokens = torch.cat(logits).argmax(dim=-1)  # drawn, so a greedy warm-up leaves the generator as it was
-        else:
-            tokens = sample(torch.cat(logits), sampling[:, 0].float(), sampling[:, 1].float().long(),
-                            sampling[:, 2].float(), self.generator)
+        # parameters in a CPU tensor: all greedy is the argmax alone and leaves the generator as it was
+        tokens = sample_host_params(torch.cat(logits), sampling[:, 0], sampling[:, 1], sampling[:, 2], self.generator)
         parts = [tokens.double()] + ([mass.double().flatten()] if mass is not None else [])
         return torch.cat(parts).cpu()
 
