@@ -79,12 +79,10 @@ class CalibratedSimBackend(SimBackend):
         if overhead > 0:
             yield env.timeout(overhead)
         passes = self.cost.passes(plan.items)
-        if self.restream and self.cost.streams_measured and plan.memory_ops:
-            streamed = self._streamed_ops(plan.memory_ops)
-            if streamed:
-                return (yield from self._measured_streaming(plan, passes, streamed))
-        streamed = self._streamed_ops(plan.memory_ops) if self.restream and len(passes) > 1 else ()
-        if not streamed:
+        streamed = self._streamed_ops(plan.memory_ops) if self.restream else ()
+        if streamed and self.cost.streams_measured:
+            return (yield from self._measured_streaming(plan, passes, streamed))
+        if not streamed or len(passes) <= 1:
             return (yield from SimBackend.execute(self, plan, sum_costs(passes)))
         results = [(yield from SimBackend.execute(self, plan, passes[0]))]
         again = StepPlan(plan.step_id, plan.replica, plan.created_at, [], memory_ops=streamed)

@@ -49,6 +49,7 @@ from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.sampling import sample_host_params
 from wicore.model.transformer import ModelOutput, Transformer
+from wicore.runtime.graph_capture import capturable
 from wicore.runtime.graph_decode import GraphDecode
 from wicore.runtime.graph_prefill import GraphPrefill
 from wicore.runtime.kv_swap import KVSwapper, SwapStep, swap_names
@@ -78,8 +79,7 @@ class TorchBackend:
         self.free_slots = list(range(real - 1, -1, -1))
         self.graph: GraphDecode | None = None
         self.prefill_graph: GraphPrefill | None = None
-        streamer = getattr(model, "layer_streamer", None)  # streamed layers: graphs need the graph-safe schedule
-        graphable = mor is None and (streamer is None or streamer.per_forward)
+        graphable = mor is None and capturable(model)  # streamed layers: graphs need the graph-safe schedule
         wants = (cuda_graphs or prefill_graphs) and graphable and self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if wants else None  # one pool for the decode and prefill graphs
         if cuda_graphs and graphable:

@@ -20,13 +20,21 @@ from wicore.errors import ConfigError
 T = TypeVar("T")
 
 
+def capturable(model: Any) -> bool:
+    """Whether a CUDA graph can hold ``model``'s forward: no streamed layers, or streamed on the graph-safe
+    schedule. A streamer on the cycle schedule cannot be captured: its copies run ahead across forwards and
+    are timed by host queries."""
+    streamer = getattr(model, "layer_streamer", None)
+    return streamer is None or bool(streamer.per_forward)
+
+
 def replay_counter(model: Any, who: str) -> Callable[[], None] | None:
-    """The ``replayed`` counter of ``model``'s layer streamer (None: no streamed layers). A streamer on the
-    cycle schedule cannot be captured: its copies run ahead across forwards and are timed by host queries."""
+    """The ``replayed`` counter of ``model``'s layer streamer (None: no streamed layers); refuses a model that
+    is not ``capturable``."""
     streamer = getattr(model, "layer_streamer", None)
     if streamer is None:
         return None
-    if not streamer.per_forward:
+    if not capturable(model):
         raise ConfigError(f"{who}: the model streams layers on the cycle schedule, which a CUDA graph cannot hold; "
                           "build the streamer with schedule='forward' (experiments.run_torch does when graphs are on)")
     counter: Callable[[], None] = streamer.replayed
