@@ -70,15 +70,14 @@ def measure(device: str, freeze: bool, overrides: list[str]) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| gc_freeze | gen0 / gen1 / gen2 collections | longest full collection | all full collections | "
-             "decode steps > 2x median | run wall | frozen objects |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        c = r["collections"]
-        lines.append(f"| {str(r['gc_freeze']).lower()} | {c['0']} / {c['1']} / {c['2']} | "
-                     f"{1e3 * r['full_collection_s']['max']:.1f} ms | {1e3 * r['full_collection_s']['total']:.1f} ms | "
-                     f"{r['decode_steps_over_2x_median']} of {r['decode_steps']} | {r['wall_s']:.2f} s | "
-                     f"{r['frozen_objects']:,} |")
-    return "\n".join(lines) + "\n"
+    from wicore.report import md_table
+
+    body = [[str(r["gc_freeze"]).lower(), " / ".join(str(r["collections"][g]) for g in "012"),
+             f"{1e3 * r['full_collection_s']['max']:.1f} ms", f"{1e3 * r['full_collection_s']['total']:.1f} ms",
+             f"{r['decode_steps_over_2x_median']} of {r['decode_steps']}", f"{r['wall_s']:.2f} s",
+             f"{r['frozen_objects']:,}"] for r in rows]
+    return md_table(["gc_freeze", "gen0 / gen1 / gen2 collections", "longest full collection", "all full collections",
+                     "decode steps > 2x median", "run wall", "frozen objects"], body) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ from benchmarks.harness import Harness, fmt, write_results  # noqa: E402
 from wicore.model.kv_cache import KVCache  # noqa: E402
 from wicore.model.spec import ModelSpec  # noqa: E402
 from wicore.model.transformer import build_model, preferred_dtype  # noqa: E402
+from wicore.report import md_table  # noqa: E402
 from wicore.runtime.backend import TorchBackend  # noqa: E402
 from wicore.runtime.graph_decode import GraphDecode  # noqa: E402
 from wicore.runtime.graph_prefill import GraphPrefill  # noqa: E402
@@ -166,10 +167,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"({results['cpu'].get('affinity')} usable cores); {results['reps']} executions per case, round-robin.",
              "", "Times in ms, p10 / p50 / p90. slow: share of executions with wall > "
              f"{SLOW} x the case's p10.", "",
-             "| case | host launch | host CPU | GPU | wall | wall p90/p10 | slow |", "|---|---|---|---|---|---|---|"]
-    for name, r in results["cases"].items():
-        lines.append(f"| {name} | {ms(r['host_s'])} | {ms(r['cpu_s'])} | {ms(r['gpu_s'])} | {ms(r['wall_s'])} | "
-                     f"{r['p90_over_p10']:.2f} | {100 * r['slow_share']:.0f} % |")
+             md_table(["case", "host launch", "host CPU", "GPU", "wall", "wall p90/p10", "slow"],
+                      [[name, ms(r["host_s"]), ms(r["cpu_s"]), ms(r["gpu_s"]), ms(r["wall_s"]), f"{r['p90_over_p10']:.2f}",
+                        f"{100 * r['slow_share']:.0f} %"] for name, r in results["cases"].items()])]
     return "\n".join(lines) + "\n"
 
 
