@@ -36,7 +36,7 @@ from sim.hardware import Machine, TransferRecord
 from sim.route_signals import SyntheticSignals
 from sim.routing_cost import RoutedStep, RoutingCost
 from wicore.model.spec import ModelSpec
-from wicore.types import BlockRef, MemoryOp, OpTiming, StepPlan, StepResult
+from wicore.types import MemoryOp, OpTiming, StepPlan, StepResult, add_page_mass
 
 UPLOADS = ("fetch", "prefetch", "swap_in")
 
@@ -132,13 +132,11 @@ class SimBackend:
     def _attention_feedback(self, plan: StepPlan, result: StepResult) -> None:
         """Attention mass per KV page of every decoding sequence, from the synthetic model."""
         assert self.attention is not None
-        feedback = result.attention_mass
         for it in plan.items:
             if it.num_tokens != 1:
                 continue
             masses = self.attention.masses(it.request_id, it.context_len + 1)
-            for page, m in enumerate(masses.tolist()):
-                feedback[BlockRef("kv", -1, seq=it.request_id, index=page)] = m
+            add_page_mass(result.attention_mass, (it.request_id,), (masses.tolist(),), keep_zero=True)
 
     def _stream(self, op: MemoryOp) -> _Stream:
         """The op's arrival profile; cached by identity for ops reused every step (the

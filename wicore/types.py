@@ -21,6 +21,7 @@ operations (fetch / prefetch / evict / swap of blocks between tiers). A
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -80,6 +81,16 @@ class BlockRef:
 
     def __hash__(self) -> int:
         return hash(self.key())
+
+
+def add_page_mass(feedback: dict[BlockRef, float], seqs: Iterable[int], rows: Iterable[Iterable[float]],
+                  keep_zero: bool = False) -> None:
+    """Record attention mass per KV page: ``rows[i][page]`` of sequence ``seqs[i]`` under
+    ``BlockRef("kv", -1, seq=..., index=page)`` (pages of zero mass left out unless ``keep_zero``)."""
+    for seq, row in zip(seqs, rows):
+        for page, value in enumerate(row):
+            if keep_zero or value > 0:
+                feedback[BlockRef("kv", -1, seq=seq, index=page)] = value
 
 
 @dataclass(slots=True)

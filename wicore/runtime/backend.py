@@ -55,7 +55,7 @@ from wicore.runtime.graph_prefill import GraphPrefill
 from wicore.runtime.kv_swap import KVSwapper, SwapStep, swap_names
 from wicore.runtime.mor import MoRRuntime
 from wicore.runtime.signals import measure, to_dicts
-from wicore.types import BlockRef, OpTiming, Phase, Request, StepPlan, StepResult
+from wicore.types import OpTiming, Phase, Request, StepPlan, StepResult, add_page_mass
 
 
 class TorchBackend:
@@ -201,7 +201,8 @@ class TorchBackend:
         dev = self.device
         last_logits: list[torch.Tensor] = []
         emit_ids: list[int] = []
-        mass_rows: list[tuple[int, torch.Tensor]] = []
+        mass_ids: list[int] = []  # decode rows whose attention mass per page comes back (rows of mass_t)
+        mass_t: torch.Tensor | None = None
         mor = self.mor
         hiddens: list[torch.Tensor] = []  # with routing: final-normed hidden of every emitting row
         masses: list[torch.Tensor | None] = []  # with routing: attention mass rows (None: not measured)
@@ -250,7 +251,7 @@ class TorchBackend:
             hiddens.append(hidden)
             masses.append(mass)
             if mass is not None:
-                mass_rows = [(r, mass[i]) for i, r in enumerate(rids)]
+                mass_ids, mass_t = rids, mass
             emit_ids += rids
         elif dec and self.graph is not None and self.graph.measure_attention == self.measure_attention:
             rids = [it.request_id for it in dec]
@@ -258,7 +259,7 @@ class TorchBackend:
                                               [it.context_len for it in dec], [self._slot(r) for r in rids])
             last_logits.append(g_logits[:len(dec)])  # padding rows dropped
             if g_mass is not None:
-                mass_rows = [(r, g_mass[i]) for i, r in enumerate(rids)]
+                mass_ids, mass_t = rids, g_mass
             emit_ids += rids
         elif dec:
             x = torch.tensor([[self.tokens[it.request_id][it.context_len]] for it in dec], device=dev)
@@ -271,10 +272,10 @@ class TorchBackend:
                 hiddens.append(out.hidden[:, -1])
                 masses.append(out.mass)
                 if out.mass is not None:
-                    mass_rows = [(it.request_id, out.mass[i]) for i, it in enumerate(dec)]
+                    mass_ids, mass_t = [it.request_id for it in dec], out.mass
             elif isinstance(out, tuple):
-                logits, mass = out
-                mass_rows = [(it.request_id, mass[i]) for i, it in enumerate(dec)]
+                logits, mass_t = out
+                mass_ids = [it.request_id for it in dec]
             else:
                 logits = out
             last_logits.append(logits[:, -1])
@@ -295,10 +296,8 @@ class TorchBackend:
             for rid, tok in zip(emit_ids, new):
                 self.tokens[rid].append(tok)
                 result.tokens[rid] = [tok]
-        for rid, row in mass_rows:
-            for page, value in enumerate(row.tolist()):
-                if value > 0:
-                    result.attention_mass[BlockRef("kv", -1, seq=rid, index=page)] = value
+        if mass_t is not None:  # one device-to-host read for every row (graph buffers: padding rows cut off)
+            add_page_mass(result.attention_mass, mass_ids, mass_t[:len(mass_ids)].tolist())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         end = time.perf_counter() - self.t0

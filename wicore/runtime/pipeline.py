@@ -70,7 +70,7 @@ from wicore.runtime.pipeline_worker import (
     worker_main,
 )
 from wicore.runtime.stage import Stage, build_stage
-from wicore.types import BlockRef, OpTiming, Phase, StepPlan, StepResult
+from wicore.types import OpTiming, Phase, StepPlan, StepResult, add_page_mass
 
 __all__ = ["Fault", "PipelineBackend", "PipelineConfig", "PipelineError", "launch", "pipeline_devices"]
 
@@ -169,10 +169,7 @@ class PipelineBackend(TorchBackend):
             result.tokens[rid] = [int(tok)]
         if n_rows:
             mass = values[n_tok:n_tok + n_rows * n_pages]
-            for i, rid in enumerate(dec):
-                for page, value in enumerate(mass[i * n_pages:(i + 1) * n_pages]):
-                    if value > 0:
-                        result.attention_mass[BlockRef("kv", -1, seq=rid, index=page)] = value
+            add_page_mass(result.attention_mass, dec, (mass[i * n_pages:(i + 1) * n_pages] for i in range(len(dec))))
         end = time.perf_counter() - self.t0
         result.end, result.compute_s = end, end - start
         result.ops.append(OpTiming("compute", ",".join(self.cfg.devices), start, end))
