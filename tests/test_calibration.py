@@ -552,6 +552,24 @@ def test_profile_grid_overrides_from_the_command_line(capsys):
     assert "must be FIELD=VALUES" in capsys.readouterr().err
 
 
+def test_whole_steps_are_measured_up_to_the_longest_context_that_fits(tmp_path, torch_one_thread):
+    """A grid context past max_len minus the tokens the timed steps append is lowered to fit, not dropped:
+    runs that decode near max_len interpolate up to a measured step."""
+    from wicore.runtime.profiler import ProfileGrid, profile, step_contexts
+
+    assert step_contexts((16, 64, 2048), 2048, 17) == [16, 64, 2031]
+    assert step_contexts((16, 2031, 4096), 2048, 17) == [16, 2031]
+    assert step_contexts((16,), 8, 17) == []
+    grid = ProfileGrid(decode_batches=(1, 2), decode_contexts=(16, 128), prefill_tokens=(16,),
+                       prefill_context_points=(), overhead_batches=(1,), overhead_steps=3, primitives=False,
+                       check_points=(), rounds=1, reps=2, warmup=1)
+    t = CalibrationTable.load(profile("tiny-gemma3", "cpu", tmp_path / "t.csv", grid, max_len=128, log=lambda m: None))
+    for op in ("decode_step", "decode_step_mass"):
+        assert {(r["batch"], r["context"]) for r in t.rows if r["op"] == op} == {(b, c) for b in (1, 2)
+                                                                                for c in (16, 123)}
+    assert {r["context"] for r in t.rows if r["op"] == "decode_forward"} == {16, 127}
+
+
 def test_merge_tables_keeps_each_models_run_shape(tmp_path):
     """merge-tables: rows concatenated; the run-shape meta a model was measured with (graphs, max_len, ...) stays
     that model's (meta_for), at the top level only where the inputs agree; clashes are refused."""

@@ -45,13 +45,13 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
     from wicore.runtime.pipeline import launch
     from wicore.runtime.pipeline_config import PipelineConfig, pipeline_devices
     from wicore.runtime.profile_overhead import measure_gaps_on
-    from wicore.runtime.profiler import _prefill_timer, _step_timer, decode_plans, device_name
+    from wicore.runtime.profiler import _prefill_timer, _step_timer, decode_plans, device_name, step_contexts
 
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
     devices = pipeline_devices(device, pp, spec.num_layers, visible)
     depth = grid.reps + grid.warmup + 2  # every timed execution appends one token per row
     batches = sorted({int(b) for b in grid.decode_batches})
-    contexts = sorted({min(int(c), max_len - 1) for c in grid.decode_contexts if c + depth <= max_len})
+    contexts = step_contexts(grid.decode_contexts, max_len, depth)
     prefill = [(int(t), 0) for t in grid.prefill_tokens if t + depth <= max_len]
     prefill += [(int(t), int(c)) for t, c in grid.prefill_context_points if t + c + depth <= max_len]
     if not batches or not contexts or not prefill:

@@ -51,7 +51,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -80,7 +80,7 @@ from wicore.runtime.profile_primitives import (
     profile_gemms,
 )
 from wicore.runtime.timing import interleaved, point, time_op
-from wicore.types import BatchItem, BlockRef, Phase, Request, StepPlan
+from wicore.types import BatchItem, BlockRef, Phase, Request, StepPlan, add_page_mass
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 Log = Callable[[str], None]
@@ -253,10 +253,7 @@ def _decode_fn(run: _Run, b: int, c: int, mass: bool, page_tokens: int,
         if isinstance(out, tuple):
             logits, m = out
             feedback: dict[BlockRef, float] = {}
-            for rid, row in zip(rids, m):
-                for page, value in enumerate(row.tolist()):
-                    if value > 0:
-                        feedback[BlockRef("kv", -1, seq=rid, index=page)] = value
+            add_page_mass(feedback, rids, m.tolist())
             return logits[:, -1]
         return out[:, -1]
     return fn
@@ -357,6 +354,13 @@ def _step_times(be: TorchBackend, plan: StepPlan, reps: int, warmup: int,
     return out
 
 
+def step_contexts(contexts: Sequence[int], max_len: int, depth: int) -> list[int]:
+    """Decode contexts of whole-step points whose requests get ``depth`` more tokens while they are timed:
+    a context past ``max_len - depth`` is lowered to it rather than dropped, so a run that decodes near
+    ``max_len`` interpolates up to a measured point instead of extrapolating flat from the next one down."""
+    return sorted({min(int(c), max_len - depth) for c in contexts}) if max_len > depth else []
+
+
 def decode_plans(batches: list[int], contexts: list[int]) -> dict[tuple[int, int], StepPlan]:
     """One decode step per (batch, context) point: requests 0..batch-1, one token each at ``context``."""
     return {(b, c): StepPlan(1, 0, 0.0, [BatchItem(rid, Phase.DECODE, 1, c, True) for rid in range(b)])
@@ -433,9 +437,9 @@ def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
         steps_at = points
         if run.prefill_graphs:  # every length bucket a chunk pads to (the forwards above keep the grid's)
             steps_at = [(t, 0) for t in prefill_buckets(max_len)] + [p for p in points if p[1] > 0]
-        ok = [(t, c) for t, c in steps_at if t + c + g.reps + g.warmup + 2 <= max_len]
-        profile_steps(run, batches, [c for c in contexts if c + g.reps + g.warmup + 2 <= max_len], ok,
-                      page_tokens)
+        depth = g.reps + g.warmup + 2
+        ok = [(t, c) for t, c in steps_at if t + c + depth <= max_len]
+        profile_steps(run, batches, step_contexts(contexts, max_len, depth), ok, page_tokens)
     run.log(f"sample: batch {batches}")
     for b in batches:
         run.add("sample", time_op(_sample_fn(run, b, page_tokens), dev, g.reps, g.warmup, wall=True), batch=b)
