@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv2 | pv-offload | stream-graphs | pp-validate | pp-fidelity | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv2 | pv-offload | stream-graphs | probe | pp-validate | pp-fidelity | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -275,6 +275,11 @@ PY
       python3 -c "import json, sys; s = json.load(open(sys.argv[1])); print(sys.argv[2], round(s['output_tokens_per_s'], 1),
         'tok/s TPOT p50', round(s['tpot_p50'] * 1e3, 2), 'ms')" "$R/stream_graphs_$g/summary.json" "graphs=$g"
     done
+    ;;
+  probe)
+    # 1 GPU: whole decode steps timed as the profiler times them and as a run drives them (benchmarks/step_probe.py)
+    timeout 200 python3 benchmarks/step_probe.py --out "$R/step_probe" > "$R/log.txt" 2>&1
+    tail -30 "$R/log.txt"; date
     ;;
   pp-validate)
     # 2 GPUs: the grid's pp2 entries once each on the real runtime (after pp-fidelity on the same lease)
