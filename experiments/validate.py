@@ -5,6 +5,7 @@
         [--profile [--profile-grid FIELD=VALUES ...]] [--extra OVERRIDE ...] [--torch-extra OVERRIDE ...]
         [--repeat]
     python -m experiments.validate --report-only DIR
+    python -m experiments.validate --combine DIR [DIR ...] --out OUT
 
 Each grid entry (``conf/validation/grid.yaml``) runs on each backend in this process
 (Hydra's compose API, then ``run_sim`` / ``run_torch``) into ``DIR/<config>/<backend>/``: the
@@ -420,12 +421,17 @@ def profiled_tables(out: Path) -> dict[str, str]:
     return {name: str((path.parent / file).resolve()) for name, file in json.loads(path.read_text()).items()}
 
 
-def report(out: Path) -> Path:
-    """(Re)write the fidelity report of a validation folder."""
-    from wicore.fidelity import fidelity_report, load_pairs
+def report(out: Path, sets: list[Path] | None = None) -> Path:
+    """(Re)write the fidelity report of a validation folder, or (``sets``) write into ``out`` the report of the
+    configs of several validation folders taken together."""
+    from wicore.fidelity import fidelity_report, load_sets
 
-    pairs, missing = load_pairs(out)
-    repeats, _ = load_pairs(out, real="torch", sim="torch_repeat")
+    roots: list[Path | str] = list(sets or [out])
+    pairs, missing = load_sets(roots)
+    repeats, _ = load_sets(roots, real="torch", sim="torch_repeat")
+    if sets:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sets.json").write_text(json.dumps([str(r) for r in roots], indent=1) + "\n", encoding="utf-8")
     return fidelity_report(pairs, out, missing, repeats)
 
 
@@ -459,8 +465,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=Path, default=GRID, help=f"grid file (default {GRID.relative_to(ROOT)})")
     ap.add_argument("--no-warmup", action="store_true", help="skip the throw-away torch warm-up run")
     ap.add_argument("--report-only", type=Path, metavar="DIR", help="only (re)write DIR's fidelity report")
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="DIR",
+                    help="write into --out the fidelity report of these validation folders' configs together "
+                         "(sets run on different machines or commits; nothing runs)")
     args = ap.parse_args(argv)
     try:
+        if args.combine:
+            bad = [str(d) for d in args.combine if not d.is_dir()]
+            if bad:
+                raise ConfigError(f"--combine: not a directory: {', '.join(bad)}")
+            if args.out is None:
+                raise ConfigError("--combine: give --out, the folder to write the combined report into")
+            if args.out.resolve() in {d.resolve() for d in args.combine}:
+                raise ConfigError("--combine: --out must be a folder of its own, not one of the combined sets")
+            print(report(args.out, args.combine))
+            return 0
         if args.report_only is not None:
             if not args.report_only.is_dir():
                 raise ConfigError(f"--report-only: {args.report_only} is not a directory")

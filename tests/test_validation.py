@@ -378,3 +378,32 @@ def test_report_flags_real_runs_whose_first_step_starts_late(validation_dir, tmp
     text = (out / "fidelity.md").read_text()
     # (the other config's CPU run is not moved; on a loaded machine its own start may be late too)
     assert re.search(r"\*\*Late real starts:\*\* in [12] of 2 configs .* \(up to \d+ ms, tiny-c4-short\)", text)
+
+
+def test_combined_report_takes_the_configs_of_several_sets(validation_dir, tmp_path, capsys):
+    """--combine writes one report over several validation folders: every pair counted once per set, a config
+    two sets hold named after its set; the repeats come along as the noise rows; nothing is rewritten in the
+    sets themselves. A missing set or an --out that is one of the sets fails at start."""
+    from wicore.fidelity import load_sets
+
+    other = tmp_path / "second"
+    shutil.copytree(validation_dir, other)
+    shutil.rmtree(other / "tiny-c4-short")
+    before = (validation_dir / "fidelity.md").read_text()
+    out = tmp_path / "combined"
+    assert main(["--combine", str(validation_dir), str(other), "--out", str(out)]) == 0
+    rows = pd.read_csv(out / "fidelity.csv")
+    assert set(rows["config"]) == {f"{validation_dir.name}/tiny-c1-short", "second/tiny-c1-short", "tiny-c4-short"}
+    single, _ = load_pairs(validation_dir)
+    merged, _ = load_sets([validation_dir, other])
+    assert len(merged) == len(single) + 1
+    assert pd.read_csv(out / "fidelity_noise.csv").set_index("metric").loc["tpot_p50", "n"] == 3
+    assert "3 configs ran on both backends" in (out / "fidelity.md").read_text()
+    assert json.loads((out / "sets.json").read_text()) == [str(validation_dir), str(other)]
+    assert (validation_dir / "fidelity.md").read_text() == before
+    capsys.readouterr()
+    assert main(["--combine", str(validation_dir), str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert main(["--combine", str(validation_dir), "--out", str(validation_dir)]) == 2
+    assert main(["--combine", str(validation_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "not a directory" in err and "folder of its own" in err and "give --out" in err

@@ -7,6 +7,8 @@
   against the targets (median <= 3 %, p90 <= 8 % for TTFT, TPOT and throughput).
 * ``load_pairs(root)``: the pairs of a validation folder (``root/<config>/{sim,torch}/``);
   ``load_pairs(root, real="torch", sim="torch_repeat")``: the real run against its repeat.
+* ``load_sets([root, ...])``: the pairs of several validation folders as one set (configs that more than
+  one holds are named ``<folder>/<config>``);
 * ``fidelity_report(pairs, out_dir)``: ``fidelity.csv``, ``fidelity_summary.csv``,
   ``fidelity_steps.csv``, ``plots/`` (parity, error CDF, step times) and ``fidelity.md``,
   which names the worst configs and, from the step tables, which kind of step or transfer
@@ -200,6 +202,24 @@ def load_pairs(root: Path | str, real: str = "torch", sim: str = "sim") -> tuple
     return pairs, missing
 
 
+def load_sets(roots: list[Path | str], real: str = "torch", sim: str = "sim") -> tuple[list[Pair], dict[str, str]]:
+    """``load_pairs`` over several validation folders (sets run on different machines or commits), as one
+    list: a config that more than one folder holds is named ``<folder>/<config>`` in each."""
+    loaded = [(Path(r), *load_pairs(r, real, sim)) for r in roots]
+    seen: dict[str, int] = {}
+    for _, pairs, missing in loaded:
+        for name in {p.config for p in pairs} | set(missing):
+            seen[name] = seen.get(name, 0) + 1
+    pairs_out: list[Pair] = []
+    missing_out: dict[str, str] = {}
+    for root, pairs, missing in loaded:
+        def named(c: str, root: Path = root) -> str:
+            return f"{root.name}/{c}" if seen[c] > 1 else c
+        pairs_out += [Pair(named(p.config), p.sim, p.real) for p in pairs]
+        missing_out.update({named(c): why for c, why in missing.items()})
+    return pairs_out, missing_out
+
+
 def decompositions(pairs: list[Pair]) -> pd.DataFrame:
     """``time_decomposition`` of every pair, with a ``config`` column."""
     parts = [time_decomposition(p.sim, p.real).assign(config=p.config) for p in pairs]
@@ -262,11 +282,13 @@ def _table_file(value: str, folder: Path) -> Path | None:
     return None
 
 
-def cost_spread(pairs: list[Pair], root: Path | str) -> pd.DataFrame:
+def cost_spread(pairs: list[Pair]) -> pd.DataFrame:
     """For every measured op the sim runs used (``cost_sources.json``): how widely its repeated timings
     spread where it was profiled, per table, model and dtype: ``median_spread`` / ``max_spread`` of
-    p90 / p10 over its points and how many points exceed ``SPREAD_LIMIT``."""
+    p90 / p10 over its points and how many points exceed ``SPREAD_LIMIT``. A table is looked for where the
+    sim run names it, then in the ``calibration/`` of the run's validation folder."""
     used: dict[tuple[str, str, str], set[str]] = {}
+    folders: dict[tuple[str, str, str], Path] = {}
     for p in pairs:
         path = p.sim.path / "cost_sources.json"
         if not path.is_file():
@@ -278,10 +300,12 @@ def cost_spread(pairs: list[Pair], root: Path | str) -> pd.DataFrame:
         ops = {op for op, v in (src.get("ops") or {}).items()  # the ops the run looked up in the table
                if v.get("source") == "measured"
                and sum(n for k, n in (v.get("lookups") or {}).items() if k != "roofline") > 0}
-        used.setdefault((str(table), str(src.get("model", "")), str(src.get("dtype", ""))), set()).update(ops)
+        key = (str(table), str(src.get("model", "")), str(src.get("dtype", "")))
+        used.setdefault(key, set()).update(ops)
+        folders.setdefault(key, p.sim.path.parent.parent)  # <validation folder>/<config>/<sim>
     out = []
     for (table, model, dtype), ops in sorted(used.items()):
-        f = _table_file(table, Path(root))
+        f = _table_file(table, folders[(table, model, dtype)])
         if f is None:
             continue
         t = pd.read_csv(f)
@@ -324,7 +348,7 @@ def fidelity_report(pairs: list[Pair], out_dir: Path | str, missing: dict[str, s
         noise = fidelity_stats(compare_all(repeats))
         noise = noise[noise["target"].astype(bool) | (noise["metric"] == "e2e_p50")].reset_index(drop=True)
         noise.to_csv(out / "fidelity_noise.csv", index=False)
-    spread = cost_spread(pairs, out)
+    spread = cost_spread(pairs)
     if len(spread):
         spread.to_csv(out / "fidelity_cost_spread.csv", index=False)
     groups = group_stats(pairs, rows)

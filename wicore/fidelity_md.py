@@ -201,7 +201,8 @@ def _noise(noise: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
         body.append([r["label"], int(r["n"]), _apct(r["median_abs"]), _apct(r["p90_abs"]),
                      _apct(s["median_abs"]) if s is not None else "–", _apct(s["p90_abs"]) if s is not None else "–"])
     return ["## Measurement noise: the real run repeated", "",
-            "Each config ran twice on the real runtime, one run after the other in the same process; "
+            "The configs counted here ran twice on the real runtime (the second run in `torch_repeat/`; "
+            "`validate --repeat` runs it right after the first, in the same process); "
             "|second - first| / first is how far the measurement moves by itself. The simulator cannot be "
             "held closer to one real run than a second real run is ([fidelity_noise.csv](fidelity_noise.csv)).",
             "", md_table(["Metric", "configs", "real vs real: median", "real vs real: p90", "sim vs real: median",
