@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv2 | pv-offload | stream-graphs | probe | pp-validate | pp-fidelity | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv-engine | pv2 | pv-offload | stream-graphs | probe | pp-validate | pp-fidelity | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -233,6 +233,11 @@ for d in sorted(glob.glob(sys.argv[1] + "/engine_graphs_*")):
           f"TTFT p50 {s['ttft_p50'] * 1e3:.1f} ms")
 PY
     ;;
+  pv-engine)
+    # pv with whole decode steps profiled through the real engine and driver (grid engine_steps): the calibration
+    # step the step probe points to; same ONLY / NO_REPEAT / PGRID as pv
+    ENGINE_PGRID="--profile-grid engine_steps=true"
+    ;&
   pv)
     # tables profiled in the validation's own process (--profile), then the selected 1-GPU entries (twice unless
     # NO_REPEAT=1). Two calls fit the 10-minute limit: ONLY='tiny-*,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked,
@@ -241,7 +246,7 @@ PY
     rep=--repeat; [ "${NO_REPEAT:-}" = 1 ] && rep=""
     [ "${PGRID:-}" = stream ] && PGRID=$STREAM_PGRID
     timeout 580 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" --profile \
-      --profile-grid reps=12 --profile-grid rounds=3 ${PGRID:-} $rep ${ONLY:+--only "$ONLY"} \
+      --profile-grid reps=12 --profile-grid rounds=3 ${ENGINE_PGRID:-} ${PGRID:-} $rep ${ONLY:+--only "$ONLY"} \
       --torch-extra backend.cuda_graphs=true backend.prefill_graphs=true > "$R/validate_log.txt" 2>&1
     grep -E "^\[|runs ok|^profile" "$R/validate_log.txt" | tail -70; date
     ;;

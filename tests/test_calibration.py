@@ -570,6 +570,46 @@ def test_whole_steps_are_measured_up_to_the_longest_context_that_fits(tmp_path, 
     assert {r["context"] for r in t.rows if r["op"] == "decode_forward"} == {16, 127}
 
 
+def test_engine_driven_decode_steps_time_full_batches_centred_on_the_context(tmp_path, torch_one_thread):
+    """engine_decode_times drives the real engine and driver: per (batch, context) it returns the durations of
+    `steps` decode steps of the whole batch after `warmup` of them, whose contexts lie around the point; the
+    profile grid's engine_steps writes them as decode_step(_mass) rows."""
+    import time as _time
+
+    from wicore.model.spec import ModelSpec
+    from wicore.runtime.profile_overhead import _NullBackend, engine_decode_times
+    from wicore.runtime.profiler import ProfileGrid, grid_with, profile
+
+    seen: list[tuple[int, list[int]]] = []
+
+    class Spy(_NullBackend):
+        def execute(self, plan):
+            res = super().execute(plan)
+            res.end = res.start + 0.001 * len(plan.items)  # a step of B rows "takes" B ms
+            if all(it.phase.value == "decode" for it in plan.items):
+                seen.append((len(plan.items), [it.context_len for it in plan.items]))
+            return res
+
+    spec = ModelSpec.from_config(__import__("yaml").safe_load((ROOT / "conf/model/tiny-gemma3.yaml").read_text()))
+    times = engine_decode_times(Spy(_time.perf_counter()), spec, [1, 4], [64], steps=10, warmup=2)
+    assert set(times) == {(1, 64), (4, 64)}
+    assert times[(4, 64)] == pytest.approx([0.004] * 10) and times[(1, 64)] == pytest.approx([0.001] * 10)
+    full = [ctx for n, ctx in seen if n == 4][2:12]  # the timed steps of batch 4
+    assert len(full) == 10 and min(min(c) for c in full) <= 64 <= max(max(c) for c in full)
+    assert abs(sum(sum(c) for c in full) / 40 - 64) <= 2
+
+    assert grid_with(ProfileGrid(), ["engine_steps=true"]).engine_steps
+    grid = ProfileGrid(decode_batches=(1, 2), decode_contexts=(16, 64), prefill_tokens=(16,),
+                       prefill_context_points=(), overhead_batches=(1,), overhead_steps=3, primitives=False,
+                       check_points=(), rounds=1, reps=3, warmup=1, engine_steps=True)
+    t = CalibrationTable.load(profile("tiny-gemma3", "cpu", tmp_path / "e.csv", grid, max_len=128, log=lambda m: None))
+    for op in ("decode_step", "decode_step_mass"):
+        rows = [r for r in t.rows if r["op"] == op]
+        assert {(r["batch"], r["context"]) for r in rows} == {(b, c) for b in (1, 2) for c in (16, 64)}
+        assert all(r["samples"] == 3 and r["seconds"] > 0 for r in rows)
+    assert t.meta["grid"]["engine_steps"] is True
+
+
 def test_merge_tables_keeps_each_models_run_shape(tmp_path):
     """merge-tables: rows concatenated; the run-shape meta a model was measured with (graphs, max_len, ...) stays
     that model's (meta_for), at the top level only where the inputs agree; clashes are refused."""
@@ -596,7 +636,8 @@ def test_merge_tables_keeps_each_models_run_shape(tmp_path):
     assert main(["merge-tables", str(tmp_path / "x.csv"), str(a), str(c)]) == 2
 
 
-def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_one_thread):
+@pytest.mark.parametrize("engine", [False, True], ids=["backend-steps", "engine-steps"])
+def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_one_thread, engine):
     """profile --pp 2 times whole steps through the pipeline backend (two ranks on the CPU here); the calibrated
     simulator then takes it for parallel=pp runs, a decode step costing exactly the measured step, and refuses
     it for one GPU (and a one-GPU table for a pipeline)."""
@@ -606,7 +647,8 @@ def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_on
     from wicore.types import BatchItem, Phase
 
     grid = replace(ProfileGrid.quick(), decode_batches=(1, 2), decode_contexts=(16,), prefill_tokens=(16,),
-                   prefill_context_points=(), reps=2, warmup=1, rounds=1, overhead_batches=(1, 2, 4), overhead_steps=4)
+                   prefill_context_points=(), reps=2, warmup=1, rounds=1, overhead_batches=(1, 2, 4), overhead_steps=4,
+                   engine_steps=engine)
     path = profile("tiny-gemma3", "cpu", tmp_path / "pp2.csv", grid, pp=2, log=lambda m: None)
     t = CalibrationTable.load(path)
     assert t.meta["pp"] == 2 and t.meta["devices"] == ["cpu", "cpu"] and not t.meta["cuda_graphs"]

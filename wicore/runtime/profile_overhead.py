@@ -14,7 +14,10 @@ take the gaps between consecutive decode steps of all ``B``:
   ``TorchBackend`` on the model: from the ``end`` one step reports to the
   ``start`` of the next, exactly the gap a simulated step must leave;
 * ``measure_step_overhead`` (``engine_overhead``): with a backend that does no
-  work and returns one token per emitting item: the engine and driver alone.
+  work and returns one token per emitting item: the engine and driver alone;
+* ``engine_decode_times`` (``decode_step(_mass)`` with the profile grid's
+  ``engine_steps``): the durations of those full-batch decode steps themselves,
+  at a batch and a context, as a run records them.
 
 Nothing is guessed: the numbers are this host's.
 """
@@ -24,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import Any, cast
+
+import pandas as pd
 
 from sim.workload import LengthDist, Workload, WorkloadConfig
 from wicore.devices import probe
@@ -110,15 +115,37 @@ def measure_step_gaps(model: Transformer, cache: KVCache, batch: int, steps: int
     return measure_gaps_on(backend, model.spec, batch, steps, warmup, prompt_tokens, page_tokens)
 
 
-def measure_gaps_on(backend: TorchBackend, spec: ModelSpec, batch: int, steps: int = 30, warmup: int = 3,
-                    prompt_tokens: int = 16, page_tokens: int = 16) -> list[float]:
-    """``measure_step_gaps`` on a given backend (a ``PipelineBackend`` too), which must hold no request with an
-    id below ``batch`` and have ``batch`` free KV slots; its clock restarts here."""
+def _drive(backend: TorchBackend, spec: ModelSpec, batch: int, steps: int, warmup: int, prompt_tokens: int,
+           page_tokens: int) -> tuple[pd.DataFrame, list[bool]]:
+    """The steps frame of the real engine and driver decoding ``batch`` requests of ``prompt_tokens`` for
+    ``steps + warmup + 2`` tokens on ``backend`` (its clock restarts here), and which steps decode all ``batch``."""
     engine, wl = _engine(spec, batch, prompt_tokens, steps + warmup + 2, page_tokens)
     t0 = backend.t0 = time.perf_counter()
     TorchDriver(engine, backend, wl, t0).run()
     st = engine.recorder.frames()[1]
+    return st, ((st["decode_tokens"] == batch) & (st["prefill_tokens"] == 0)).tolist()
+
+
+def engine_decode_times(backend: TorchBackend, spec: ModelSpec, batches: list[int], contexts: list[int],
+                        steps: int = 30, warmup: int = 3, page_tokens: int = 16) -> dict[tuple[int, int], list[float]]:
+    """Per (batch, context): the durations of ``steps`` decode steps of all ``batch`` requests, driven by the
+    real engine and driver on ``backend`` (which must hold no request with an id below the batch and have its
+    free KV slots), after ``warmup`` such steps; the prompts are sized so that the timed steps' contexts are
+    centred on ``context``."""
+    out = {}
+    for b in batches:
+        for c in contexts:
+            prompt = max(1, c - warmup - steps // 2)
+            st, full = _drive(backend, spec, b, steps, warmup, prompt, page_tokens)
+            out[(b, c)] = [d for d, f in zip(st["duration"].tolist(), full) if f][warmup:warmup + steps]
+    return out
+
+
+def measure_gaps_on(backend: TorchBackend, spec: ModelSpec, batch: int, steps: int = 30, warmup: int = 3,
+                    prompt_tokens: int = 16, page_tokens: int = 16) -> list[float]:
+    """``measure_step_gaps`` on a given backend (a ``PipelineBackend`` too), which must hold no request with an
+    id below ``batch`` and have ``batch`` free KV slots; its clock restarts here."""
+    st, full = _drive(backend, spec, batch, steps, warmup, prompt_tokens, page_tokens)
     start, end = st["start"].tolist(), st["end"].tolist()
-    full = ((st["decode_tokens"] == batch) & (st["prefill_tokens"] == 0)).tolist()
     gaps = [start[k + 1] - end[k] for k in range(len(st) - 1) if full[k] and full[k + 1]]
     return gaps[warmup:warmup + steps] if len(gaps) > warmup else gaps

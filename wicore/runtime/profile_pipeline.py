@@ -44,7 +44,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
     """(rows, meta entries) of the whole pipeline steps of ``grid`` (a ``ProfileGrid``) on ``pp`` ranks."""
     from wicore.runtime.pipeline import launch
     from wicore.runtime.pipeline_config import PipelineConfig, pipeline_devices
-    from wicore.runtime.profile_overhead import measure_gaps_on
+    from wicore.runtime.profile_overhead import engine_decode_times, measure_gaps_on
     from wicore.runtime.profiler import _prefill_timer, _step_timer, decode_plans, device_name, step_contexts
 
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -73,14 +73,18 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
         log(f"pipeline on {', '.join(devices)}: launching (measure_attention={mass})")
         with launch(cfg) as be, frozen_gc():  # as runs time their steps (backend.gc_freeze)
             be.t0 = time.perf_counter()
+            op = "decode_step_mass" if mass else "decode_step"
+            log(f"{op} (pp={pp}){' (engine-driven)' if grid.engine_steps else ''}: batch {batches} x context "
+                f"{contexts}")
+            if grid.engine_steps:  # before the timers' requests are added: the engine brings its own
+                times = engine_decode_times(be, spec, batches, contexts, grid.reps, grid.warmup, page_tokens)
             for rid in range(slots):
                 ids = torch.randint(0, spec.vocab_size, (prompt,), generator=g).tolist()
                 be.add_request(Request(rid, 0.0, prompt, 1 << 30, prompt_ids=ids))
-            op = "decode_step_mass" if mass else "decode_step"
-            log(f"{op} (pp={pp}): batch {batches} x context {contexts}")
-            plans = decode_plans(batches, contexts)
-            for (b, c), ts in interleaved(list(plans), _step_timer(be, plans), grid.reps, grid.warmup,
-                                          grid.rounds).items():
+            if not grid.engine_steps:
+                plans = decode_plans(batches, contexts)
+                times = interleaved(list(plans), _step_timer(be, plans), grid.reps, grid.warmup, grid.rounds)
+            for (b, c), ts in times.items():
                 add(op, ts, batch=b, context=c)
             if mass:  # the host time between steps, with the mass measured as runs do by default
                 for rid in range(slots):

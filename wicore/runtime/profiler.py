@@ -71,7 +71,7 @@ from wicore.runtime.backend import TorchBackend
 from wicore.runtime.buckets import prefill_buckets
 from wicore.runtime.gc_freeze import frozen_gc
 from wicore.runtime.graph_decode import GraphDecode
-from wicore.runtime.profile_overhead import measure_step_gaps, measure_step_overhead
+from wicore.runtime.profile_overhead import engine_decode_times, measure_step_gaps, measure_step_overhead
 from wicore.runtime.profile_primitives import (
     MIB,
     profile_attention,
@@ -105,6 +105,9 @@ class ProfileGrid:
     disk_sizes: tuple[int, ...] = (64 * MIB, 256 * MIB)
     check_points: tuple[tuple[int, int], ...] = ((1, 256), (8, 256), (32, 1024))  # whole decode steps (B, C)
     steps: bool = True  # decode_step(_mass) / prefill_step through TorchBackend.execute
+    # decode_step(_mass) as the real engine + driver drive them (a short run per batch and context, as runs record
+    # their steps) instead of a backend stepping a fixed batch at one position among the other points
+    engine_steps: bool = False
     rounds: int = 4  # forwards and steps: the reps of all points of an op spread over rounds (timing.interleaved)
     reps: int = 20
     warmup: int = 3
@@ -376,14 +379,19 @@ def profile_steps(run: _Run, batches: list[int], contexts: list[int], prefill: l
     depth = g.reps + g.warmup + 2  # every timed execution appends one token per row
     for mass in (False, True):
         op = "decode_step_mass" if mass else "decode_step"
-        run.log(f"{op}{' (CUDA graphs)' if run.cuda_graphs else ''}: batch {batches} x context {contexts}")
-        be = _backend(run, max(batches), max(contexts) + depth, page_tokens, mass, run.cuda_graphs)
-        plans = decode_plans(batches, contexts)
-        times = interleaved(list(plans), _step_timer(be, plans), g.reps, g.warmup, g.rounds)
+        run.log(f"{op}{' (CUDA graphs)' if run.cuda_graphs else ''}{' (engine-driven)' if g.engine_steps else ''}: "
+                f"batch {batches} x context {contexts}")
+        if g.engine_steps:
+            be = _backend(run, 0, 1, page_tokens, mass, run.cuda_graphs)
+            times = engine_decode_times(be, run.spec, batches, contexts, g.reps, g.warmup, page_tokens)
+        else:
+            be = _backend(run, max(batches), max(contexts) + depth, page_tokens, mass, run.cuda_graphs)
+            plans = decode_plans(batches, contexts)
+            times = interleaved(list(plans), _step_timer(be, plans), g.reps, g.warmup, g.rounds)
+            for rid in range(max(batches)):
+                be.release(rid)
         for (b, c), ts in times.items():
             run.add(op, ts, batch=b, context=c)
-        for rid in range(max(batches)):
-            be.release(rid)
     for op, n in (("prefill_step", 1), ("prefill_step_pair", 2)):
         run.log(f"{op}{' (CUDA graphs)' if run.prefill_graphs else ''}: (tokens, context) {prefill}")
         be = _backend(run, n, max(t + c for t, c in prefill) + depth, page_tokens, False, run.cuda_graphs)
