@@ -11,6 +11,9 @@ readback (``backend.measure_attention``), it times the same ``TorchBackend.execu
 * ``run-sized``: a backend and cache sized for ``batch`` requests (as a run at that concurrency), back to back;
 * ``engine``: the real engine and driver decoding ``batch`` requests (as a run does), full-batch decode steps.
 
+``mass_entries`` is the median number of KV pages with mass > 0 that a step of the case fed back (each one is
+host work; the engine's requests were prefilled, the others attend over a KV cache that holds no prompt).
+
 Usage (GPU machine): ``python3 benchmarks/step_probe.py --out DIR [--cpu] [--points MODEL:DTYPE:MAX_LEN:B:C ...]``.
 Prints a table; writes ``DIR/step_probe.csv`` and ``DIR/step_probe.json``.
 """
@@ -49,13 +52,30 @@ from wicore.runtime.timing import interleaved
 DEFAULT_POINTS = ("tiny-gemma3:fp32:512:16:64", "tiny-gemma3:fp32:512:4:64", "gemma3-1b:bf16:2048:16:1024")
 
 
-def _engine_steps(run: _Run, batch: int, context: int, reps: int, warmup: int, mass: bool) -> list[float]:
+def _count_mass(be: Any) -> list[int]:
+    """Wrap ``be.execute`` to record, for every all-decode step, how many attention-mass entries (KV pages with
+    mass > 0) it fed back: the host work of the mass readback grows with them."""
+    counts: list[int] = []
+    execute = be.execute
+
+    def counted(plan: Any) -> Any:
+        res = execute(plan)
+        if plan.items and all(it.num_tokens == 1 for it in plan.items):
+            counts.append(len(res.attention_mass))
+        return res
+    be.execute = counted
+    return counts
+
+
+def _engine_steps(run: _Run, batch: int, context: int, reps: int, warmup: int, mass: bool,
+                  counts: dict[str, list[int]]) -> list[float]:
     """Durations of the full-batch decode steps of the real engine + driver decoding ``batch`` requests of a
     ``context``-token prompt (the first ``warmup`` left out)."""
     cache = KVCache(run.spec, batch + 1, run.cache.max_len, device=run.device, dtype=to_torch_dtype(run.spec.dtype))
     sized = _Run(run.model, run.spec, run.name, run.dtype, run.device, run.device_name, cache, run.grid, run.log,
                  run.cuda_graphs)
     be = _backend(sized, 0, 1, 16, mass, run.cuda_graphs)
+    counts["engine"] = _count_mass(be)
     engine, wl = _engine(run.spec, batch, context, reps + warmup + 2, 16)
     be.t0 = time.perf_counter()
     TorchDriver(engine, be, wl, be.t0).run()
@@ -82,21 +102,25 @@ def probe_point(model_name: str, dtype: str, max_len: int, batch: int, context: 
             be = _backend(run, slots, max(contexts) + depth, 16, mass, graphs)
             plans = decode_plans(batches, contexts)
             times = {"profile": interleaved(list(plans), _step_timer(be, plans), grid.reps, grid.warmup,
-                                            grid.rounds)[(batch, context)],
-                     "profile-steady": _step_times(be, plans[(batch, context)], reps, grid.warmup)}
+                                            grid.rounds)[(batch, context)]}
+            counts = {"profile-steady": _count_mass(be)}  # the interleaved steps hold other batches and contexts
+            times["profile-steady"] = _step_times(be, plans[(batch, context)], reps, grid.warmup)
+            counts["profile"] = counts["profile-steady"]
             del be
             small = KVCache(spec, batch + int(graphs), max_len, device=device, dtype=to_torch_dtype(spec.dtype))
             sized = _Run(model, spec, model_name, spec.dtype, device, run.device_name, small, grid, run.log, graphs)
             be = _backend(sized, batch, context + depth, 16, mass, graphs)
+            counts["run-sized"] = _count_mass(be)
             times["run-sized"] = _step_times(be, decode_plans([batch], [context])[(batch, context)], reps,
                                              grid.warmup)
             del be, small
-            times["engine"] = _engine_steps(run, batch, context, reps, grid.warmup, mass)
+            times["engine"] = _engine_steps(run, batch, context, reps, grid.warmup, mass, counts)
             for case, ts in times.items():
                 s = np.asarray(ts) * 1e3
                 rows.append({"model": model_name, "dtype": spec.dtype, "batch": batch, "context": context,
                              "mass": mass, "case": case, "steps": len(s), "median_ms": float(np.median(s)),
-                             "p10_ms": float(np.percentile(s, 10)), "p90_ms": float(np.percentile(s, 90))})
+                             "p10_ms": float(np.percentile(s, 10)), "p90_ms": float(np.percentile(s, 90)),
+                             "mass_entries": float(np.median(counts[case])) if counts[case] else 0.0})
     return rows
 
 
@@ -121,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    cols = ["model", "dtype", "batch", "context", "mass", "case", "steps", "median_ms", "p10_ms", "p90_ms"]
+    cols = ["model", "dtype", "batch", "context", "mass", "case", "steps", "median_ms", "p10_ms", "p90_ms",
+            "mass_entries"]
     with open(out / "step_probe.csv", "w") as f:
         f.write(",".join(cols) + "\n")
         f.writelines(",".join(str(r[k]) for k in cols) + "\n" for r in rows)
