@@ -3,6 +3,7 @@ result schema as the simulator, on the device torch gives us."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +24,8 @@ from wicore.metrics import SLO, Recorder
 from wicore.model.spec import ModelSpec
 from wicore.runtime.gc_freeze import frozen_gc
 from wicore.types import Request
+
+log = logging.getLogger("wicore")
 
 
 @dataclass
@@ -70,7 +73,11 @@ def _build_pipeline(cfg: DictConfig, spec: ModelSpec, hw: HardwareSpec, placemen
         streamed=tuple(tuple(layer for layer, _ in p.streamed) for p in placement.placements),
         seed=int(cfg.seed), checkpoint=str(cfg.checkpoint) if cfg.get("checkpoint") else None,
         host_format=str(bc.get("host_format") or "auto"), stream_buffers=mem.stream_buffer_layers,
-        measure_attention=bool(bc.measure_attention), page_tokens=mem.page_tokens, threads=torch.get_num_threads())
+        measure_attention=bool(bc.measure_attention), page_tokens=mem.page_tokens, threads=torch.get_num_threads(),
+        cuda_graphs=cuda_graphs_enabled(bc.get("cuda_graphs", False), torch.device(devices[0])))
+    if cuda_graphs_enabled(bc.get("prefill_graphs", False), torch.device(devices[0]), "backend.prefill_graphs"):
+        log.warning("backend.prefill_graphs: prefill graphs are not implemented with parallel.pp > 1; the stages "
+                    "prefill eagerly (their decode forwards follow backend.cuda_graphs)")
     pool = PagePool(slots * max_len // mem.page_tokens, mem.page_tokens, placement.page_bytes)
     recorder = Recorder()
     engine = Engine(make_scheduler(cfg, spec, pool, None), placement, recorder)

@@ -636,7 +636,7 @@ def test_merge_tables_keeps_each_models_run_shape(tmp_path):
     assert main(["merge-tables", str(tmp_path / "x.csv"), str(a), str(c)]) == 2
 
 
-@pytest.mark.parametrize("engine", [False, True], ids=["backend-steps", "engine-steps"])
+@pytest.mark.parametrize("engine", [False, True], ids=["backend-steps", "engine-steps-stage-graphs"])
 def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_one_thread, engine):
     """profile --pp 2 times whole steps through the pipeline backend (two ranks on the CPU here); the calibrated
     simulator then takes it for parallel=pp runs, a decode step costing exactly the measured step, and refuses
@@ -649,9 +649,9 @@ def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_on
     grid = replace(ProfileGrid.quick(), decode_batches=(1, 2), decode_contexts=(16,), prefill_tokens=(16,),
                    prefill_context_points=(), reps=2, warmup=1, rounds=1, overhead_batches=(1, 2, 4), overhead_steps=4,
                    engine_steps=engine)
-    path = profile("tiny-gemma3", "cpu", tmp_path / "pp2.csv", grid, pp=2, log=lambda m: None)
+    path = profile("tiny-gemma3", "cpu", tmp_path / "pp2.csv", grid, pp=2, log=lambda m: None, cuda_graphs=engine)
     t = CalibrationTable.load(path)
-    assert t.meta["pp"] == 2 and t.meta["devices"] == ["cpu", "cpu"] and not t.meta["cuda_graphs"]
+    assert t.meta["pp"] == 2 and t.meta["devices"] == ["cpu", "cpu"] and t.meta["cuda_graphs"] is engine
     assert set(t.ops()) == {"decode_step", "decode_step_mass", "prefill_step", "prefill_step_pair", "step_overhead"}
     assert {r["batch"] for r in t.rows if r["op"] == "step_overhead"} == {1, 2}
     pp_cfg = ["hardware=h100x2", "parallel=pp", "model=tiny-gemma3", "report.enabled=false", "progress=false",
@@ -669,5 +669,5 @@ def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_on
         build_sim(make_cfg(*BASE[:-1], f"backend.calibration={path}", *SMALL))
     with pytest.raises(ConfigError, match="--pp 2"):
         build_sim(make_cfg(*pp_cfg[:-len(SMALL) - 1], f"backend.calibration={TABLE}", *SMALL))
-    with pytest.raises(ConfigError, match="--cuda-graphs"):
-        profile("tiny-gemma3", "cpu", tmp_path / "x.csv", grid, pp=2, cuda_graphs=True)
+    with pytest.raises(ConfigError, match="drop --prefill-graphs and --gpu-budget-gib"):
+        profile("tiny-gemma3", "cpu", tmp_path / "x.csv", grid, pp=2, prefill_graphs=True)

@@ -24,8 +24,8 @@ and gathers the rows with ``kb[slots]`` (an index kernel); masks, RoPE tables an
 ``torch.full`` of last indices are device kernels; the Gemma embedding scale is a Python float
 cached on the first (warm-up) call. No op of the forward reads a value back to the host. What
 does sync lies outside the graph, in ``TorchBackend.execute``: the step's one ``.tolist()`` of
-the new tokens, the per-row ``.tolist()`` of the attention mass after it (cheap, the device is
-idle by then) and the closing ``torch.cuda.synchronize`` that times the step.
+the new tokens, the one ``.tolist()`` of the attention mass after it (the device is idle by
+then) and the closing ``torch.cuda.synchronize`` that times the step.
 
 On any other device (tests on CPU) the very same padded static-buffer path runs eagerly, so the
 padding, scratch-slot and slicing logic is exercised without a GPU.

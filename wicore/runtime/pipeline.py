@@ -92,6 +92,8 @@ class PipelineBackend(TorchBackend):
                          measure_attention=cfg.measure_attention, page_tokens=cfg.page_tokens)
         self.cfg, self.stage, self.ctl, self.procs = cfg, stage, ctl, procs
         self.executor = StageExecutor(stage, 0, cfg)
+        if cfg.cuda_graphs:  # the caches' last slot is the stages' scratch slot: never handed out
+            self.free_slots = list(range(cfg.slots - 1, -1, -1))
         self.steps = 0
         self.broken: str | None = None
         self.closed = False
@@ -227,10 +229,11 @@ class PipelineBackend(TorchBackend):
 
     def describe(self) -> dict[str, Any]:
         stages = self.stage_stats()
-        out: dict[str, Any] = {"device": ",".join(self.cfg.devices), "pp": self.pp, "kv_slots": self.cache.max_slots,
+        out: dict[str, Any] = {"device": ",".join(self.cfg.devices), "pp": self.pp, "kv_slots": self.cfg.slots,
                                "kv_len": self.cache.max_len,
                                "kv_cache_bytes": sum(int(s.get("kv_cache_bytes", 0)) for s in stages),
-                               "stages": [{k: v for k, v in s.items() if k != "stream"} for s in stages]}
+                               "stages": [{k: v for k, v in s.items() if k != "stream"} for s in stages],
+                               "cuda_graphs": str(stages[0].get("cuda_graphs", "off"))}
         streams = [s["stream"] for s in stages if s.get("stream")]
         if streams:
             copy_s = sum(float(s["copy_s"]) for s in streams)
@@ -326,9 +329,10 @@ def launch(cfg: PipelineConfig) -> PipelineBackend:
         ctl = init_dist(0, cfg, rendezvous)
         if cfg.fault is not None:
             cfg.fault.trigger(0, 0)
-        stage = build_stage(cfg.spec, 0, cfg.pp, cfg.devices[0], cfg.slots, cfg.max_len,
+        stage = build_stage(cfg.spec, 0, cfg.pp, cfg.devices[0], cfg.cache_slots, cfg.max_len,
                             streamed=cfg.streamed_on(0), seed=cfg.seed, checkpoint=cfg.checkpoint, fill=cfg.fill,
-                            host_format=cfg.host_format, buffers=cfg.stream_buffers, pin=cfg.pin)
+                            host_format=cfg.host_format, buffers=cfg.stream_buffers, pin=cfg.pin,
+                            schedule="forward" if cfg.cuda_graphs else "cycle")
         _await(conns, procs, "ready", cfg.start_timeout_s)
     except BaseException:
         stop_processes(procs, 0.0)

@@ -50,12 +50,20 @@ class PipelineConfig:
     stream_buffers: int = 2
     pin: str = "auto"
     measure_attention: bool = False
+    # decode forwards of every stage through CUDA graphs (``GraphStage``; eagerly off CUDA), each stage's KV cache
+    # one slot larger: the scratch slot of the padding rows
+    cuda_graphs: bool = False
     page_tokens: int = 16
     threads: int = 0  # torch CPU threads per worker (0: torch's default)
     start_timeout_s: float = 1800.0  # starting a worker and building its stage
     step_timeout_s: float = 300.0  # a worker's reply to one step
     idle_timeout_s: float = 30 * 86400.0  # a worker waiting for the next message
     fault: Fault | None = None
+
+    @property
+    def cache_slots(self) -> int:
+        """KV slots of every stage's cache: ``slots``, and the graphs' scratch slot with ``cuda_graphs``."""
+        return self.slots + int(self.cuda_graphs)
 
     @property
     def pp(self) -> int:

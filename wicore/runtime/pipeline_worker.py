@@ -23,6 +23,7 @@ import torch.distributed as dist
 from wicore.errors import ConfigError
 from wicore.model.sampling import sample_host_params
 from wicore.model.transformer import to_torch_dtype
+from wicore.runtime.graph_stage import GraphStage
 from wicore.runtime.pipeline_config import PipelineConfig
 from wicore.runtime.pipeline_wire import (
     CONFIG_FAILED,
@@ -55,13 +56,19 @@ class StageExecutor:
         self.activation_bytes = 0
         self.counts = (0, 0, 0)  # last rank, last step: tokens, attention-mass rows, pages per row
         self._copy_s, self._forwards = 0.0, 0
+        self.graph = (GraphStage(stage.model, stage.cache, first=self.first, hidden_size=self.hidden, dtype=self.dtype,
+                                 measure_attention=self.measure, page_size=self.page_tokens)
+                      if cfg.cuda_graphs else None)
 
-    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype, device=self.stage.device)
+    def _recv_into(self, buf: torch.Tensor) -> torch.Tensor:
         work = dist.irecv(buf, self.rank - 1)
         assert work is not None
-        work.wait()  # NCCL: the compute stream waits, not the host; gloo: the host waits (with the timeout)
+        work.wait()
         return buf
+
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # NCCL: the compute stream waits, not the host; gloo: the host waits (with the timeout)
+        return self._recv_into(torch.empty(shape, dtype=dtype, device=self.stage.device))
 
     def _send(self, t: torch.Tensor) -> None:
         t = t.contiguous()
@@ -93,14 +100,17 @@ class StageExecutor:
             else:
                 pos = torch.arange(f.context, f.context + f.tokens, device=dev)[None, :]
             measure = self.measure and f.decode
-            m_in: torch.Tensor | None = None
-            if self.first:
-                x = ids[f.ids[0]:f.ids[1]].view(f.batch, f.tokens)
+            if f.decode and f.tokens == 1 and self.graph is not None:
+                y, m = self._graph_decode(f.batch, pos, slots, ids[f.ids[0]:f.ids[1]] if self.first else None)
             else:
-                x = self._recv((f.batch, f.tokens, self.hidden), self.dtype)
-                if measure:
-                    m_in = self._recv((f.batch, st.cache.max_len), torch.float32)
-            y, m = st.model(x, pos, st.cache, slots, m_in, attention_mass=measure, page_size=self.page_tokens)
+                m_in: torch.Tensor | None = None
+                if self.first:
+                    x = ids[f.ids[0]:f.ids[1]].view(f.batch, f.tokens)
+                else:
+                    x = self._recv((f.batch, f.tokens, self.hidden), self.dtype)
+                    if measure:
+                        m_in = self._recv((f.batch, st.cache.max_len), torch.float32)
+                y, m = st.model(x, pos, st.cache, slots, m_in, attention_mass=measure, page_size=self.page_tokens)
             if not self.last:
                 self._send(y)
                 if m is not None:
@@ -121,6 +131,20 @@ class StageExecutor:
         tokens = sample_host_params(torch.cat(logits), sampling[:, 0], sampling[:, 1], sampling[:, 2], self.generator)
         parts = [tokens.double()] + ([mass.double().flatten()] if mass is not None else [])
         return torch.cat(parts).cpu()
+
+    def _graph_decode(self, b: int, pos: torch.Tensor, slots: torch.Tensor,
+                      ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's decode forward of ``b`` rows through the stage's graphs: inputs staged into the bucket (the
+        hidden states and mass received straight into its buffers), the replay, the outputs' first ``b`` rows."""
+        assert self.graph is not None
+        bk = self.graph.stage(pos, slots, ids)
+        if not self.first:
+            assert bk.hidden is not None
+            self._recv_into(bk.hidden[:b])
+            if bk.mass_in is not None:
+                self._recv_into(bk.mass_in[:b])
+        y, m = self.graph.run(bk)
+        return y[:b], (m[:b] if m is not None else None)
 
     def counters(self) -> torch.Tensor:
         """[copy seconds, bytes streamed in, forwards] since the last call (copies still in flight count later)."""
@@ -143,6 +167,8 @@ class StageExecutor:
 
     def stats(self) -> dict[str, Any]:
         out = self.stage.describe()
+        if self.graph is not None:
+            out.update(self.graph.describe())
         if self.stage.streamer is not None:
             out["stream"] = self.stage.streamer.stats(sync=True)
         out["activation_bytes_sent"] = self.activation_bytes
@@ -180,9 +206,10 @@ def worker_main(rank: int, cfg: PipelineConfig, rendezvous: str, conn: Any) -> N
         ctl = init_dist(rank, cfg, rendezvous)
         if cfg.fault is not None:
             cfg.fault.trigger(rank, 0)
-        stage = build_stage(cfg.spec, rank, cfg.pp, cfg.devices[rank], cfg.slots, cfg.max_len,
+        stage = build_stage(cfg.spec, rank, cfg.pp, cfg.devices[rank], cfg.cache_slots, cfg.max_len,
                             streamed=cfg.streamed_on(rank), seed=cfg.seed, checkpoint=cfg.checkpoint,
-                            fill=cfg.fill, host_format=cfg.host_format, buffers=cfg.stream_buffers, pin=cfg.pin)
+                            fill=cfg.fill, host_format=cfg.host_format, buffers=cfg.stream_buffers, pin=cfg.pin,
+                            schedule="forward" if cfg.cuda_graphs else "cycle")
         conn.send(("ready", stage.describe()))
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
         status, text = _failure(e)

@@ -40,8 +40,9 @@ Log = Callable[[str], None]
 
 def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.device, pp: int, grid: Any,
                      name: str, max_len: int, page_tokens: int, seed: int,
-                     log: Log) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(rows, meta entries) of the whole pipeline steps of ``grid`` (a ``ProfileGrid``) on ``pp`` ranks."""
+                     log: Log, cuda_graphs: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows, meta entries) of the whole pipeline steps of ``grid`` (a ``ProfileGrid``) on ``pp`` ranks
+    (``cuda_graphs``: the stages decode through their CUDA graphs, as runs with ``backend.cuda_graphs=true``)."""
     from wicore.runtime.pipeline import launch
     from wicore.runtime.pipeline_config import PipelineConfig, pipeline_devices
     from wicore.runtime.profile_overhead import engine_decode_times, measure_gaps_on
@@ -69,7 +70,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
     for mass in (False, True):
         cfg = PipelineConfig(spec=spec, devices=devices, slots=slots, max_len=max_len, seed=seed,
                              checkpoint=str(checkpoint) if checkpoint is not None else None, measure_attention=mass,
-                             page_tokens=page_tokens, threads=torch.get_num_threads())
+                             page_tokens=page_tokens, threads=torch.get_num_threads(), cuda_graphs=cuda_graphs)
         log(f"pipeline on {', '.join(devices)}: launching (measure_attention={mass})")
         with launch(cfg) as be, frozen_gc():  # as runs time their steps (backend.gc_freeze)
             be.t0 = time.perf_counter()

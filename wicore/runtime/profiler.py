@@ -508,17 +508,18 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
     if pp < 1:
         raise ConfigError(f"profile --pp: must be >= 1, got {pp}")
     if pp > 1:
-        if cuda_graphs or prefill_graphs or gpu_budget_gib is not None:
-            raise ConfigError(f"profile --pp {pp}: the pipeline runs its stages eagerly with every layer resident; drop "
-                              "--cuda-graphs, --prefill-graphs and --gpu-budget-gib")
+        if prefill_graphs or gpu_budget_gib is not None:
+            raise ConfigError(f"profile --pp {pp}: the pipeline prefills eagerly with every layer resident; drop "
+                              "--prefill-graphs and --gpu-budget-gib (--cuda-graphs: decode through each stage's "
+                              "graphs, as runs with backend.cuda_graphs=true)")
         from wicore.runtime.profile_pipeline import profile_pipeline
 
         spec, source, checkpoint = resolve_spec(spec_or_checkpoint, dev, dtype)
         max_len = min(int(max_len), spec.max_context)
         rows, extra = profile_pipeline(spec, checkpoint, dev, pp, g, name or spec.name, max_len, page_tokens, seed,
-                                       say)
+                                       say, cuda_graphs)
         meta = {**_run_meta(dev, name or spec.name, source, spec.dtype, max_len, page_tokens, quick, g, t_start),
-                **extra, "cuda_graphs": False, "prefill_graph_buckets": None, "gpu_budget_gib": None,
+                **extra, "cuda_graphs": bool(cuda_graphs), "prefill_graph_buckets": None, "gpu_budget_gib": None,
                 "device_name": rows[0]["device_name"], "summary": {}}
         path = CalibrationTable.write(out_csv, rows, meta)
         say(f"wrote {len(rows)} rows to {path} in {meta['profile_s']} s")

@@ -219,10 +219,11 @@ def load_stage_tensors(model: StageModel, checkpoint: str) -> None:
 def build_stage(spec: ModelSpec, rank: int, pp: int, device: torch.device | str, slots: int, max_len: int, *,
                 streamed: Sequence[int] = (), seed: int = 0, checkpoint: str | None = None,
                 fill: str | Callable[..., Any] | None = None, host_format: str = "auto", buffers: int = 2,
-                pin: str = "auto") -> Stage:
+                pin: str = "auto", schedule: str = "cycle") -> Stage:
     """Allocate stage ``rank`` of ``pp`` on ``device`` (weights: see the module docstring), its KV
     cache of ``slots`` x ``max_len`` tokens, and stream the decoder layers ``streamed`` (global
-    indices, all inside the stage) from host memory."""
+    indices, all inside the stage) from host memory (``schedule``: the streamer's, ``forward`` for a
+    stage that CUDA graphs capture)."""
     dev = torch.device(device)
     layers = stage_layers(spec.num_layers, pp, rank)
     outside = sorted(set(streamed) - set(layers))
@@ -234,7 +235,8 @@ def build_stage(spec: ModelSpec, rank: int, pp: int, device: torch.device | str,
     lookahead = buffers - 1
     if fill is not None:
         fn = resolve_fill(fill, spec, dev, seed) if isinstance(fill, str) else fill(spec, dev, seed)
-        streamer = offload_model(model, streamed, dev, host_format, buffers, lookahead, fill=fn, pin=pin)
+        streamer = offload_model(model, streamed, dev, host_format, buffers, lookahead, fill=fn, pin=pin,
+                                 schedule=schedule)
     else:
         home = torch.device("cpu") if streamed else dev  # streamed layers are packed from the host
         model.to_empty(device=home)
@@ -244,7 +246,7 @@ def build_stage(spec: ModelSpec, rank: int, pp: int, device: torch.device | str,
         else:
             init_like_build_model(model, home, seed)
         if streamed:
-            streamer = offload_model(model, streamed, dev, host_format, buffers, lookahead, pin=pin)
+            streamer = offload_model(model, streamed, dev, host_format, buffers, lookahead, pin=pin, schedule=schedule)
     if streamer is not None and not streamer.order:
         streamer.close()
         streamer = None
