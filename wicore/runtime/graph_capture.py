@@ -42,11 +42,13 @@ def replay_counter(model: Any, who: str) -> Callable[[], None] | None:
 
 
 def capture(device: torch.device, forward: Callable[[], T], warmup: int,
-            pool: Any = None) -> tuple[torch.cuda.CUDAGraph, T, Any]:
+            pool: Any = None, error_mode: str = "global") -> tuple[torch.cuda.CUDAGraph, T, Any]:
     """(graph, the captured call's outputs: static tensors every replay overwrites, the memory pool used).
 
     ``pool``: a ``torch.cuda.graph_pool_handle()`` shared with graphs that never run at the same time
-    (None: a new one). Runs under ``no_grad``: the warm-up must not build autograd state.
+    (None: a new one). ``error_mode``: ``torch.cuda.graph``'s ``capture_error_mode``; ``thread_local`` lets
+    other threads of the process (NCCL's proxy thread in a pipeline rank) call CUDA while this one captures.
+    Runs under ``no_grad``: the warm-up must not build autograd state.
     """
     with torch.cuda.device(device), torch.no_grad():
         side = torch.cuda.Stream(device)
@@ -58,6 +60,6 @@ def capture(device: torch.device, forward: Callable[[], T], warmup: int,
         if pool is None:
             pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
             out = forward()
     return graph, out, pool

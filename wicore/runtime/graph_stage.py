@@ -17,7 +17,8 @@ padded to the smallest bucket size >= B, as ``GraphDecode`` does for one device:
   the last stage per KV page [Bk, P]).
 
 On CUDA each bucket is captured on its first use (warm-up on a side stream, then capture:
-``graph_capture.capture``), all buckets sharing one memory pool. The sends and receives between
+``graph_capture.capture``, thread-local capture mode: NCCL's proxy thread keeps calling CUDA), all
+buckets sharing one memory pool; a bucket's capture comes before the step's receive is posted. The sends and receives between
 ranks stay outside the graphs: the receive's wait orders the replay after it on the compute stream,
 and every rank waits for its sends at the end of the step, before a later replay can overwrite the
 buffers they read. On any other device (CPU tests, ranks on gloo) the same padded static-buffer
@@ -100,7 +101,7 @@ class GraphStage:
             if self.mode == "graph":
                 t0 = time.perf_counter()
                 bk.graph, (bk.out, bk.mass), self._pool = capture(dev, lambda: self._forward(bk), self.warmup,
-                                                                  self._pool)
+                                                                  self._pool, error_mode="thread_local")
                 self.captures += 1
                 self.capture_s += time.perf_counter() - t0
         return bk
