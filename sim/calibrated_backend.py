@@ -3,9 +3,10 @@
 * Before the step: the host time between two steps (``step_overhead`` of the
   table: ``engine.update`` of the previous step + ``engine.schedule`` of this
   one + the driver loop + what ``execute`` spends outside the interval it
-  reports), so the step's own start/end/duration are those the torch backend
-  reports (its clock starts inside ``execute``) and the gap between steps is
-  the measured host time.
+  reports; before a step that admits new requests, ``admit_overhead`` at their
+  number where the table has it), so the step's own start/end/duration are
+  those the torch backend reports (its clock starts inside ``execute``) and the
+  gap between steps is the measured host time.
 * The step's forwards (one per prefill item, one for all decodes) run one after
   the other. With weight streaming from a static placement, every forward
   streams the non-resident layers again (``StreamingTorchBackend`` copies them
@@ -37,7 +38,7 @@ import simpy
 from sim.backend import SimBackend
 from sim.calibrated_cost import CalibratedCostModel, sum_costs
 from sim.hardware import Machine
-from wicore.types import MemoryOp, OpTiming, StepPlan, StepResult
+from wicore.types import MemoryOp, OpTiming, Phase, StepPlan, StepResult
 
 
 def _merge(results: list[StepResult]) -> StepResult:
@@ -75,7 +76,8 @@ class CalibratedSimBackend(SimBackend):
 
     def execute(self, plan: StepPlan, cost: Any = None) -> Generator[simpy.Event, Any, StepResult]:
         env = self.env
-        overhead = self.cost.overhead_s(len(plan.items))
+        admitted = sum(1 for it in plan.items if it.phase is Phase.PREFILL and it.context_len == 0)
+        overhead = self.cost.overhead_s(len(plan.items), admitted)
         if overhead > 0:
             yield env.timeout(overhead)
         passes = self.cost.passes(plan.items)

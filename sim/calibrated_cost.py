@@ -80,7 +80,7 @@ from wicore.runtime.buckets import bucket_of, default_buckets
 from wicore.types import BatchItem, Phase
 
 COMPOSITE_OPS = ("prefill_forward", "decode_forward", "decode_forward_mass", "sample", "step_overhead",
-                 "prefill_step", "prefill_step_pair", "decode_step", "decode_step_mass")
+                 "admit_overhead", "prefill_step", "prefill_step_pair", "decode_step", "decode_step_mass")
 _CACHE_MAX = 8192
 
 
@@ -137,6 +137,7 @@ class CalibratedCostModel(CostModel):
         self.whole_decode = table.has(self.step_op, name, dtype)
         self.whole_prefill = table.has("prefill_step", name, dtype)
         self.pair_prefill = self.whole_prefill and table.has("prefill_step_pair", name, dtype)
+        self.admit_measured = table.has("admit_overhead", name, dtype)
         # CUDA-graph decode: a batch of B rows runs (and costs) the bucket >= B
         self.cuda_graphs = bool(meta.get("cuda_graphs", False))
         self.buckets = default_buckets(max_num_seqs) if self.cuda_graphs and max_num_seqs else ()
@@ -246,10 +247,14 @@ class CalibratedCostModel(CostModel):
     def step(self, items: Iterable[BatchItem]) -> StepCost:
         return sum_costs(self.passes(items))
 
-    def overhead_s(self, running: int) -> float:
-        """Host time between two steps of ``running`` sequences (engine.update + engine.schedule)."""
+    def overhead_s(self, running: int, admitted: int = 0) -> float:
+        """Host time before a step of ``running`` sequences (engine.update + engine.schedule): ``admit_overhead``
+        at the number of requests the step admits where it admits some and the table has it (finishing and
+        admitting requests costs more host time than a step between decodes), else ``step_overhead``."""
         if not self.active:
             return 0.0
+        if admitted and self.admit_measured:
+            return self._lookup("admit_overhead", batch=admitted) or 0.0
         return self._lookup("step_overhead", batch=running) or 0.0
 
     # ----- results ------------------------------------------------------------------------------
@@ -260,7 +265,8 @@ class CalibratedCostModel(CostModel):
         ops: dict[str, Any] = {}
         used = [op for op in ("prefill_step", "prefill_step_pair", self.step_op)
                 if self.active and self.table.has(op, name, dtype)]
-        for op in (*used, "prefill_forward", self.decode_op, "sample", "step_overhead"):
+        overheads = ("step_overhead", "admit_overhead") if self.admit_measured else ("step_overhead",)
+        for op in (*used, "prefill_forward", self.decode_op, "sample", *overheads):
             c = self.counts.get(op, {})
             ops[op] = {"source": MEASURED if self.active and self.table.has(op, name, dtype) else ROOFLINE,
                        "lookups": {k: c.get(k, 0) for k in (MEASURED, INTERPOLATED, EXTRAPOLATED, ROOFLINE)}}

@@ -64,6 +64,7 @@ OP_AXES: dict[str, tuple[str, ...]] = {
     "prefill_step_pair": ("tokens", "context"),
     "sample": ("batch",),
     "step_overhead": ("batch",),
+    "admit_overhead": ("batch",),
     "engine_overhead": ("batch",),
     "attn_decode": ("context", "batch"),
     "attn_prefill": ("tokens", "context"),

@@ -610,6 +610,45 @@ def test_engine_driven_decode_steps_time_full_batches_centred_on_the_context(tmp
     assert t.meta["grid"]["engine_steps"] is True
 
 
+def test_admission_gaps_are_measured_and_charged_before_steps_that_admit(tmp_path):
+    """measure_admit_gaps_on times the host gap before each step that admits `batch` new requests right after as
+    many finished (closed loop); the calibrated simulator charges admit_overhead at the number a step admits
+    before it, and step_overhead before the others."""
+    import time as _time
+
+    from wicore.model.checkpoint import load_spec_file
+    from wicore.runtime.profile_overhead import _NullBackend, measure_admit_gaps_on
+
+    class SlowAdmission(_NullBackend):
+        def add_request(self, req):
+            _time.sleep(0.003)  # 3 ms of host work per admitted request
+
+    spec = load_spec_file(ROOT / "conf" / "model" / "tiny-gemma3.yaml")
+    gaps = measure_admit_gaps_on(SlowAdmission(_time.perf_counter()), spec, 2, rounds=4, warmup=1)
+    assert len(gaps) == 4 and all(0.006 <= g < 0.05 for g in gaps)  # two admissions of 3 ms each, per gap
+
+    rows: list[dict[str, object]] = [dict(r) for r in CalibrationTable.load(TABLE).rows]
+    base = {"model": "tiny-gemma3", "dtype": "fp32", "device_name": "dev", "tokens": 0, "context": 0, "nbytes": 0,
+            "samples": 5}
+    admit = {1: 0.004, 2: 0.005, 4: 0.007}
+    rows += [{**base, "op": "admit_overhead", "batch": b, "seconds": v, "p10_s": v, "p90_s": v}
+             for b, v in admit.items()]
+    table = CalibrationTable.write(tmp_path / "admit.csv", rows,
+                                   json.loads((TABLE.parent / (TABLE.name + ".meta.json")).read_text()))
+    setup, steps = _run(make_cfg(*BASE[:-1], f"backend.calibration={table}", "workload.num_requests=6",
+                                 "workload.concurrency=2", "workload.prompt.kind=fixed", "workload.prompt.value=16",
+                                 "workload.output.kind=fixed", "workload.output.value=3"))
+    gap = (steps["start"] - steps["end"].shift(1)).tolist()
+    gap[0] = float(steps["start"].iloc[0])  # before the first step: from the clock's start
+    admits = (steps["prefill_tokens"] // 16).tolist()  # every prefill item here is a whole 16-token prompt
+    assert sum(admits) == 6 and any(a == 2 for a in admits)
+    for g, a, n in zip(gap, admits, steps["batch_size"].tolist()):
+        want = admit[a] if a else _value("step_overhead", batch=n)
+        assert _close(g, want, 1e-6), (g, a, n)
+    src = setup.cost.sources()  # type: ignore[attr-defined]
+    assert src["ops"]["admit_overhead"]["source"] == "measured"
+
+
 def test_merge_tables_keeps_each_models_run_shape(tmp_path):
     """merge-tables: rows concatenated; the run-shape meta a model was measured with (graphs, max_len, ...) stays
     that model's (meta_for), at the top level only where the inputs agree; clashes are refused."""
@@ -652,8 +691,10 @@ def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_on
     path = profile("tiny-gemma3", "cpu", tmp_path / "pp2.csv", grid, pp=2, log=lambda m: None, cuda_graphs=engine)
     t = CalibrationTable.load(path)
     assert t.meta["pp"] == 2 and t.meta["devices"] == ["cpu", "cpu"] and t.meta["cuda_graphs"] is engine
-    assert set(t.ops()) == {"decode_step", "decode_step_mass", "prefill_step", "prefill_step_pair", "step_overhead"}
+    assert set(t.ops()) == {"decode_step", "decode_step_mass", "prefill_step", "prefill_step_pair", "step_overhead",
+                            "admit_overhead"}
     assert {r["batch"] for r in t.rows if r["op"] == "step_overhead"} == {1, 2}
+    assert {r["batch"] for r in t.rows if r["op"] == "admit_overhead"} == {1, 2}
     pp_cfg = ["hardware=h100x2", "parallel=pp", "model=tiny-gemma3", "report.enabled=false", "progress=false",
               f"backend.calibration={path}", *SMALL]
     cost = build_sim(make_cfg(*pp_cfg)).cost

@@ -15,6 +15,10 @@ take the gaps between consecutive decode steps of all ``B``:
   ``start`` of the next, exactly the gap a simulated step must leave;
 * ``measure_step_overhead`` (``engine_overhead``): with a backend that does no
   work and returns one token per emitting item: the engine and driver alone;
+* ``measure_admit_gaps_on`` (``admit_overhead``): the gap before a step that
+  admits ``B`` new requests, in a closed loop where ``B`` finish together
+  just before (the host work of finishing and admitting requests, which the
+  gaps between decode steps do not hold);
 * ``engine_decode_times`` (``decode_step(_mass)`` with the profile grid's
   ``engine_steps``): the durations of those full-batch decode steps themselves,
   at a batch and a context, as a run records them.
@@ -71,7 +75,8 @@ class _NullBackend:
         return result
 
 
-def _engine(spec: ModelSpec, batch: int, prompt_tokens: int, output: int, page_tokens: int) -> tuple[Engine, Workload]:
+def _engine(spec: ModelSpec, batch: int, prompt_tokens: int, output: int, page_tokens: int,
+            requests: int | None = None) -> tuple[Engine, Workload]:
     hw = probe(measure=False)
     room = max(hw.gpu.memory_gib, 2 * spec.weight_bytes / GIB + 64)  # the placement only plans here
     hw = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, memory_gib=room))
@@ -81,7 +86,7 @@ def _engine(spec: ModelSpec, batch: int, prompt_tokens: int, output: int, page_t
     sched = Scheduler(ContinuousBatching(), FCFS(), pool, max_num_seqs=batch, max_batched_tokens=max(
         2048, batch * prompt_tokens), max_context=max(spec.max_context, prompt_tokens + output))
     engine = Engine(sched, placement, Recorder())
-    wl = Workload(WorkloadConfig(kind="closed_loop", num_requests=batch, concurrency=batch,
+    wl = Workload(WorkloadConfig(kind="closed_loop", num_requests=requests or batch, concurrency=batch,
                                  prompt=LengthDist(value=prompt_tokens), output=LengthDist(value=output)))
     return engine, wl
 
@@ -139,6 +144,24 @@ def engine_decode_times(backend: TorchBackend, spec: ModelSpec, batches: list[in
             st, full = _drive(backend, spec, b, steps, warmup, prompt, page_tokens)
             out[(b, c)] = [d for d, f in zip(st["duration"].tolist(), full) if f][warmup:warmup + steps]
     return out
+
+
+def measure_admit_gaps_on(backend: TorchBackend, spec: ModelSpec, batch: int, rounds: int = 10, warmup: int = 1,
+                          prompt_tokens: int = 16, page_tokens: int = 16) -> list[float]:
+    """Seconds from the end of the step in which ``batch`` closed-loop requests finish to the start of the step
+    that admits the ``batch`` requests replacing them (engine.update finishing the old ones, the arrivals,
+    engine.schedule admitting the new ones, backend.add_request), on ``backend`` with the real engine and driver:
+    ``rounds`` such gaps after ``warmup``. Each request prefills ``prompt_tokens`` and decodes one token more, so
+    a round is two steps. The backend must hold no request with an id below ``batch * (rounds + warmup + 1)``
+    and have ``batch`` free KV slots; its clock restarts here."""
+    engine, wl = _engine(spec, batch, prompt_tokens, 2, page_tokens, requests=batch * (rounds + warmup + 1))
+    t0 = backend.t0 = time.perf_counter()
+    TorchDriver(engine, backend, wl, t0).run()
+    st = engine.recorder.frames()[1]
+    start, end = st["start"].tolist(), st["end"].tolist()
+    admits = ((st["prefill_tokens"] == batch * prompt_tokens) & (st["decode_tokens"] == 0)).tolist()
+    gaps = [start[k] - end[k - 1] for k in range(1, len(st)) if admits[k]]
+    return gaps[warmup:warmup + rounds]
 
 
 def measure_gaps_on(backend: TorchBackend, spec: ModelSpec, batch: int, steps: int = 30, warmup: int = 3,

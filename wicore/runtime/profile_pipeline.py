@@ -45,7 +45,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
     (``cuda_graphs``: the stages decode through their CUDA graphs, as runs with ``backend.cuda_graphs=true``)."""
     from wicore.runtime.pipeline import launch
     from wicore.runtime.pipeline_config import PipelineConfig, pipeline_devices
-    from wicore.runtime.profile_overhead import engine_decode_times, measure_gaps_on
+    from wicore.runtime.profile_overhead import engine_decode_times, measure_admit_gaps_on, measure_gaps_on
     from wicore.runtime.profiler import _prefill_timer, _step_timer, decode_plans, device_name, step_contexts
 
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -95,6 +95,10 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
                 for b in over:
                     add("step_overhead", measure_gaps_on(be, spec, b, steps=grid.overhead_steps, warmup=grid.warmup,
                                                          prompt_tokens=16, page_tokens=page_tokens), batch=b)
+                log(f"admit_overhead (pp={pp}): batch {over}")
+                for b in over:
+                    add("admit_overhead", measure_admit_gaps_on(be, spec, b, rounds=max(3, grid.overhead_steps // 5),
+                                                                prompt_tokens=16, page_tokens=page_tokens), batch=b)
             else:
                 for op, n in (("prefill_step", 1), ("prefill_step_pair", 2)):
                     log(f"{op} (pp={pp}): (tokens, context) {prefill}")

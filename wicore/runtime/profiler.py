@@ -30,7 +30,10 @@ the same input construction, in the model dtype, under ``inference_mode``):
   these to the composed forward + sample;
 * ``step_overhead`` (batch running): host time between the end one step reports
   and the start of the next, on the real driver, engine and backend;
-  ``engine_overhead``: the engine and driver alone, with a no-op backend
+  ``engine_overhead``: the engine and driver alone, with a no-op backend;
+  ``admit_overhead`` (batch admitted): the host time before a step that admits
+  that many new requests right after as many finished (closed loop), which
+  the simulator charges instead of ``step_overhead`` before such steps
   (``wicore.runtime.profile_overhead``).
 
 Primitive ops (GEMMs, attention kernels, copies, disk) come from
@@ -71,7 +74,12 @@ from wicore.runtime.backend import TorchBackend
 from wicore.runtime.buckets import prefill_buckets
 from wicore.runtime.gc_freeze import frozen_gc
 from wicore.runtime.graph_decode import GraphDecode
-from wicore.runtime.profile_overhead import engine_decode_times, measure_step_gaps, measure_step_overhead
+from wicore.runtime.profile_overhead import (
+    engine_decode_times,
+    measure_admit_gaps_on,
+    measure_step_gaps,
+    measure_step_overhead,
+)
 from wicore.runtime.profile_primitives import (
     MIB,
     profile_attention,
@@ -460,6 +468,11 @@ def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
                 batch=b)
         run.add("engine_overhead", measure_step_overhead(run.spec, b, steps=g.overhead_steps, warmup=g.warmup,
                                                          page_tokens=page_tokens), batch=b)
+    run.log(f"admit_overhead (real backend): batch {over}")
+    be = _backend(run, 0, 1, page_tokens, True, run.cuda_graphs)  # decode and prefill as the run's backend does
+    for b in over:
+        run.add("admit_overhead", measure_admit_gaps_on(be, run.spec, b, rounds=max(3, g.overhead_steps // 5),
+                                                        prompt_tokens=16, page_tokens=page_tokens), batch=b)
 
 
 def profile(spec_or_checkpoint: ModelSpec | str | Path, device: str | torch.device, out_csv: str | Path,
