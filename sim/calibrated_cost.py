@@ -42,7 +42,11 @@ first, and every prefill item of a step that also decodes, costs its marginal
     marginal(T, C) = [prefill_step_pair(T, C) - sample(2)] - [prefill_step(T, C) - sample(1)]
 
 (a marginal is held at >= 10 % of its single-item step less sampling, so
-timing noise never makes an item free). When the table was measured with CUDA-graph decode (its meta says
+timing noise never makes an item free). Where the table also has
+``prefill_step_many`` (one step of N items, N > 2, the same for every point),
+the items after the first one costed at a marginal cost
+``([prefill_step_many(T, C) - sample(N)] - [prefill_step_pair(T, C) - sample(2)]) / (N - 2)``
+each: what the third and later items add, which a pair cannot show. When the table was measured with CUDA-graph decode (its meta says
 ``cuda_graphs: true``, as for runs with ``backend.cuda_graphs=true``) a decode
 of B rows runs the graph of the smallest bucket >= B (1, 2, 4, ... then the
 run's ``scheduler.max_num_seqs``), so the decode ops are looked up at that
@@ -80,7 +84,8 @@ from wicore.runtime.buckets import bucket_of, default_buckets
 from wicore.types import BatchItem, Phase
 
 COMPOSITE_OPS = ("prefill_forward", "decode_forward", "decode_forward_mass", "sample", "step_overhead",
-                 "admit_overhead", "prefill_step", "prefill_step_pair", "decode_step", "decode_step_mass")
+                 "admit_overhead", "prefill_step", "prefill_step_pair", "prefill_step_many", "decode_step",
+                 "decode_step_mass")
 _CACHE_MAX = 8192
 
 
@@ -137,6 +142,10 @@ class CalibratedCostModel(CostModel):
         self.whole_decode = table.has(self.step_op, name, dtype)
         self.whole_prefill = table.has("prefill_step", name, dtype)
         self.pair_prefill = self.whole_prefill and table.has("prefill_step_pair", name, dtype)
+        # prefill_step_many: N items (its rows' batch); the items past the second add (many - pair) / (N - 2) each
+        many = {int(r["batch"]) for r in table.rows
+                if r["op"] == "prefill_step_many" and r["model"] == name and r["dtype"] == dtype}
+        self.many_items = max(many) if self.pair_prefill and len(many) == 1 and max(many) > 2 else 0
         self.admit_measured = table.has("admit_overhead", name, dtype)
         # CUDA-graph decode: a batch of B rows runs (and costs) the bucket >= B
         self.cuda_graphs = bool(meta.get("cuda_graphs", False))
@@ -194,6 +203,7 @@ class CalibratedCostModel(CostModel):
         emit = sum(it.emits_token for it in items)
         # the step's fixed cost rides on its first prefill item unless a whole decode step carries it
         first = not (decode and self.whole_decode)
+        marginal = 0  # prefill items costed at their margin so far
         for it in items:
             if it.phase is not Phase.PREFILL:
                 continue
@@ -202,9 +212,8 @@ class CalibratedCostModel(CostModel):
                 m = self._lookup("prefill_step", tokens=tokens, context=it.context_len)
                 single = self._less_sample(m, 1)
                 if self.pair_prefill and not first and single is not None:
-                    pair = self._less_sample(self._lookup("prefill_step_pair", tokens=tokens, context=it.context_len), 2)
-                    if pair is not None:
-                        single = max(pair - single, 0.1 * single)
+                    single = self._margin(tokens, it.context_len, single, marginal)
+                    marginal += 1
                 first = False
                 out.append(self._forward([it], single))
             else:
@@ -225,6 +234,22 @@ class CalibratedCostModel(CostModel):
             last = out[-1]
             out[-1] = dataclasses.replace(last, head_s=last.head_s + sample, compute_s=last.compute_s + sample)
         return out
+
+    def _margin(self, tokens: int, context: int, single: float, before: int) -> float:
+        """What one more prefill item of ``tokens`` at ``context`` adds to a step, less sampling, when ``before``
+        items were added at their margin already: the pair's margin for the first, the many-item step's
+        margin per item past the pair for the others (where the table has ``prefill_step_many``); held at
+        >= 10 % of the single-item step."""
+        pair = self._less_sample(self._lookup("prefill_step_pair", tokens=tokens, context=context), 2)
+        if pair is None:
+            return single
+        margin = pair - single
+        if before and self.many_items:
+            many = self._less_sample(self._lookup("prefill_step_many", tokens=tokens, context=context),
+                                     self.many_items)
+            if many is not None:
+                margin = (many - pair) / (self.many_items - 2)
+        return max(margin, 0.1 * single)
 
     def _bucket(self, rows: int) -> int:
         """The batch size a decode of ``rows`` rows runs at (its CUDA-graph bucket; ``rows`` without graphs)."""
@@ -263,7 +288,7 @@ class CalibratedCostModel(CostModel):
         and how many lookups were exact, interpolated, extrapolated or fell back to the roofline."""
         name, dtype = self.model.name, self.model.dtype
         ops: dict[str, Any] = {}
-        used = [op for op in ("prefill_step", "prefill_step_pair", self.step_op)
+        used = [op for op in ("prefill_step", "prefill_step_pair", "prefill_step_many", self.step_op)
                 if self.active and self.table.has(op, name, dtype)]
         overheads = ("step_overhead", "admit_overhead") if self.admit_measured else ("step_overhead",)
         for op in (*used, "prefill_forward", self.decode_op, "sample", *overheads):

@@ -62,6 +62,7 @@ OP_AXES: dict[str, tuple[str, ...]] = {
     "decode_step_mass": ("batch", "context"),
     "prefill_step": ("tokens", "context"),
     "prefill_step_pair": ("tokens", "context"),
+    "prefill_step_many": ("tokens", "context"),
     "sample": ("batch",),
     "step_overhead": ("batch",),
     "admit_overhead": ("batch",),

@@ -317,6 +317,22 @@ def test_pair_rows_cost_extra_prefill_items_at_their_margin(tmp_path):
         s3 = (s2 + s4) / 2
         assert _close(cost.step(mixed).compute_s, decode - s3 + margin + s4), tok
     assert "prefill_step_pair" in cost.sources()["whole_steps"]
+    # prefill_step_many (4 items): the third and fourth items add (many - pair) / 2 each, the second the pair margin
+    many = {tok: 2.5 * extra[("prefill_step", tok, 0)] for tok in (16, 32, 64, 128)}
+    rows4 = rows + [{**base, "op": "prefill_step_many", "batch": 4, "tokens": tok, "seconds": v, "p10_s": v,
+                     "p90_s": v} for tok, v in many.items()]
+    four = build_sim(make_cfg(*cfg, f"backend.calibration={CalibrationTable.write(tmp_path / 'many.csv', rows4, t.meta)}"))
+    s3 = (s2 + s4) / 2
+    for tok in (16, 64):
+        single = extra[("prefill_step", tok, 0)]
+        items = [BatchItem(i, Phase.PREFILL, tok, 0, True) for i in range(4)]
+        assert _close(four.cost.step(items).compute_s, many[tok])  # exactly the measured step of 4
+        three = items[:3]
+        per = ((many[tok] - s4) - (pairs[tok] - s2)) / 2
+        assert _close(four.cost.step(three).compute_s, pairs[tok] - s2 + per + s3)
+        assert _close(four.cost.step(items[:2]).compute_s, pairs[tok])  # two items: the pair, as before
+        assert _close(four.cost.step(items[:1]).compute_s, single)
+    assert "prefill_step_many" in four.cost.sources()["whole_steps"]
 
 
 def test_the_simulator_reads_the_median_unless_told_the_mean(tmp_path):
@@ -687,12 +703,13 @@ def test_pipeline_profile_costs_pp2_runs_with_its_whole_steps(tmp_path, torch_on
 
     grid = replace(ProfileGrid.quick(), decode_batches=(1, 2), decode_contexts=(16,), prefill_tokens=(16,),
                    prefill_context_points=(), reps=2, warmup=1, rounds=1, overhead_batches=(1, 2, 4), overhead_steps=4,
-                   engine_steps=engine)
+                   engine_steps=engine, prefill_many=3)
     path = profile("tiny-gemma3", "cpu", tmp_path / "pp2.csv", grid, pp=2, log=lambda m: None, cuda_graphs=engine)
     t = CalibrationTable.load(path)
     assert t.meta["pp"] == 2 and t.meta["devices"] == ["cpu", "cpu"] and t.meta["cuda_graphs"] is engine
-    assert set(t.ops()) == {"decode_step", "decode_step_mass", "prefill_step", "prefill_step_pair", "step_overhead",
-                            "admit_overhead"}
+    assert set(t.ops()) == {"decode_step", "decode_step_mass", "prefill_step", "prefill_step_pair", "prefill_step_many",
+                            "step_overhead", "admit_overhead"}
+    assert {r["batch"] for r in t.rows if r["op"] == "prefill_step_many"} == {grid.prefill_many}
     assert {r["batch"] for r in t.rows if r["op"] == "step_overhead"} == {1, 2}
     assert {r["batch"] for r in t.rows if r["op"] == "admit_overhead"} == {1, 2}
     pp_cfg = ["hardware=h100x2", "parallel=pp", "model=tiny-gemma3", "report.enabled=false", "progress=false",

@@ -46,7 +46,14 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
     from wicore.runtime.pipeline import launch
     from wicore.runtime.pipeline_config import PipelineConfig, pipeline_devices
     from wicore.runtime.profile_overhead import engine_decode_times, measure_admit_gaps_on, measure_gaps_on
-    from wicore.runtime.profiler import _prefill_timer, _step_timer, decode_plans, device_name, step_contexts
+    from wicore.runtime.profiler import (
+        _prefill_timer,
+        _step_timer,
+        decode_plans,
+        device_name,
+        prefill_step_ops,
+        step_contexts,
+    )
 
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
     devices = pipeline_devices(device, pp, spec.num_layers, visible)
@@ -58,7 +65,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
     if not batches or not contexts or not prefill:
         raise ConfigError(f"profile --pp {pp}: no decode or prefill point fits max_len={max_len} with the grid's "
                           f"{depth} timed tokens per point; raise --max-len or shrink the grid")
-    slots = max(*batches, 2)
+    slots = max(*batches, 2, grid.prefill_many)
     dname = " + ".join(device_name(torch.device(d)) for d in devices)
     rows: list[dict[str, Any]] = []
 
@@ -100,7 +107,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
                     add("admit_overhead", measure_admit_gaps_on(be, spec, b, rounds=max(3, grid.overhead_steps // 5),
                                                                 prompt_tokens=16, page_tokens=page_tokens), batch=b)
             else:
-                for op, n in (("prefill_step", 1), ("prefill_step_pair", 2)):
+                for op, n in prefill_step_ops(grid, slots):
                     log(f"{op} (pp={pp}): (tokens, context) {prefill}")
                     for (t, c), ts in interleaved(prefill, _prefill_timer(be, n), grid.reps, grid.warmup,
                                                   grid.rounds).items():

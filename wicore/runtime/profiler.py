@@ -28,6 +28,9 @@ the same input construction, in the model dtype, under ``inference_mode``):
   the same step with two prefill items of that length and context, from which
   the simulator takes what one more item adds to a step. The simulator prefers
   these to the composed forward + sample;
+* ``prefill_step_many`` (tokens x context, ``grid.prefill_many`` items): the
+  same step with that many items, from which the simulator takes what the
+  third and later items add;
 * ``step_overhead`` (batch running): host time between the end one step reports
   and the start of the next, on the real driver, engine and backend;
   ``engine_overhead``: the engine and driver alone, with a no-op backend;
@@ -116,6 +119,9 @@ class ProfileGrid:
     # decode_step(_mass) as the real engine + driver drive them (a short run per batch and context, as runs record
     # their steps) instead of a backend stepping a fixed batch at one position among the other points
     engine_steps: bool = False
+    # prefill_step_many: one step of this many prefill items (0 or <= 2: not measured), for what the third and later
+    # items of a step add
+    prefill_many: int = 8
     rounds: int = 4  # forwards and steps: the reps of all points of an op spread over rounds (timing.interleaved)
     reps: int = 20
     warmup: int = 3
@@ -365,6 +371,15 @@ def _step_times(be: TorchBackend, plan: StepPlan, reps: int, warmup: int,
     return out
 
 
+def prefill_step_ops(grid: ProfileGrid, slots: int) -> list[tuple[str, int]]:
+    """The whole prefill steps to time, (op, items): one item, two, and ``grid.prefill_many`` when it is above two
+    and the KV slots hold that many requests."""
+    ops = [("prefill_step", 1), ("prefill_step_pair", 2)]
+    if 2 < grid.prefill_many <= slots:
+        ops.append(("prefill_step_many", grid.prefill_many))
+    return ops
+
+
 def step_contexts(contexts: Sequence[int], max_len: int, depth: int) -> list[int]:
     """Decode contexts of whole-step points whose requests get ``depth`` more tokens while they are timed:
     a context past ``max_len - depth`` is lowered to it rather than dropped, so a run that decodes near
@@ -400,7 +415,7 @@ def profile_steps(run: _Run, batches: list[int], contexts: list[int], prefill: l
                 be.release(rid)
         for (b, c), ts in times.items():
             run.add(op, ts, batch=b, context=c)
-    for op, n in (("prefill_step", 1), ("prefill_step_pair", 2)):
+    for op, n in prefill_step_ops(g, run.cache.max_slots - int(run.cuda_graphs)):
         run.log(f"{op}{' (CUDA graphs)' if run.prefill_graphs else ''}: (tokens, context) {prefill}")
         be = _backend(run, n, max(t + c for t, c in prefill) + depth, page_tokens, False, run.cuda_graphs)
         for (t, c), ts in interleaved(prefill, _prefill_timer(be, n), g.reps, g.warmup, g.rounds).items():
@@ -544,7 +559,7 @@ def _profile(spec_or_checkpoint: ModelSpec | str | Path, dev: torch.device, out_
                           if gpu_budget_gib is not None
                           else (None, []))
     tdt = to_torch_dtype(spec.dtype)
-    want = max([*g.decode_batches, *(b for b, _ in g.check_points), 2 if g.steps else 1])  # prefill_step_pair: 2
+    want = max([*g.decode_batches, *(b for b, _ in g.check_points), max(2, g.prefill_many) if g.steps else 1])
     slots = _kv_slots(spec, dev, max_len, want + int(cuda_graphs), torch.empty(0, dtype=tdt).element_size(),
                       notes) - int(cuda_graphs)
     cache = KVCache(spec, slots + int(cuda_graphs), max_len, device=dev, dtype=tdt)  # + the graphs' scratch slot
