@@ -245,6 +245,7 @@ def test_twin_timing_matches_the_simulator(twin_server):
     what it adds is per-step bookkeeping (engine + SimPy, ~0.1-0.3 ms) and the HTTP path (request
     parsing, SSE over loopback, the client's parsing: ~1-3 ms per request on this 2-core box, shared
     with pytest). Tolerance: measured within [-3%, +10% + 3 ms] per token and +10% + 25 ms for TTFT."""
+    asyncio.run(_streams(twin_server, 1, 1, 64, 16))  # untimed: the server's and the client's first request (cold)
     # one user, sequential requests: TTFT = one prefill step, gaps = single-sequence decode steps
     ttft, tpot, _ = asyncio.run(_streams(twin_server, 1, 3, 64, 16))
     p = predicted(1, 3, 64, 16)
