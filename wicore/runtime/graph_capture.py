@@ -41,6 +41,26 @@ def replay_counter(model: Any, who: str) -> Callable[[], None] | None:
     return counter
 
 
+class BucketGraphs:
+    """What the bucketed graph runners (``GraphDecode``, ``GraphStage``) share: their mode, buckets and capture
+    counters (``describe``), and a replay that tells a layer streamer about it (no hook runs in a replay)."""
+
+    mode: str
+    buckets: tuple[int, ...]
+    captures: int
+    capture_s: float
+    on_replay: Callable[[], None] | None
+
+    def replay(self, graph: torch.cuda.CUDAGraph) -> None:
+        graph.replay()
+        if self.on_replay is not None:
+            self.on_replay()
+
+    def describe(self) -> dict[str, object]:
+        return {"cuda_graphs": self.mode, "graph_buckets": list(self.buckets), "graphs_captured": self.captures,
+                "graph_capture_s": self.capture_s}
+
+
 def capture(device: torch.device, forward: Callable[[], T], warmup: int,
             pool: Any = None, error_mode: str = "global") -> tuple[torch.cuda.CUDAGraph, T, Any]:
     """(graph, the captured call's outputs: static tensors every replay overwrites, the memory pool used).

@@ -59,7 +59,7 @@ from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.model.transformer import Transformer
 from wicore.runtime.buckets import bucket_of, default_buckets
-from wicore.runtime.graph_capture import capture, replay_counter
+from wicore.runtime.graph_capture import BucketGraphs, capture, replay_counter
 
 __all__ = ["GraphDecode", "default_buckets"]
 
@@ -73,7 +73,7 @@ class _Bucket:
     graph: torch.cuda.CUDAGraph | None = None
 
 
-class GraphDecode:
+class GraphDecode(BucketGraphs):
     """Bucketed, slot-indirected single-token decode; see the module docstring."""
 
     def __init__(self, model: Transformer, cache: KVCache, buckets: Sequence[int] | None = None,
@@ -170,13 +170,7 @@ class GraphDecode:
         bk.inputs.copy_(host, non_blocking=True)
         self.calls += 1
         if bk.graph is not None:
-            bk.graph.replay()
-            if self.on_replay is not None:
-                self.on_replay()
+            self.replay(bk.graph)
             assert bk.logits is not None
             return bk.logits, bk.mass
         return self._forward(bk)
-
-    def describe(self) -> dict[str, object]:
-        return {"cuda_graphs": self.mode, "graph_buckets": list(self.buckets), "graphs_captured": self.captures,
-                "graph_capture_s": self.capture_s}

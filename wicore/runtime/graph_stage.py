@@ -37,7 +37,7 @@ from torch import Tensor
 from wicore.errors import ConfigError
 from wicore.model.kv_cache import KVCache
 from wicore.runtime.buckets import bucket_of, default_buckets
-from wicore.runtime.graph_capture import capture, replay_counter
+from wicore.runtime.graph_capture import BucketGraphs, capture, replay_counter
 
 __all__ = ["GraphStage"]
 
@@ -53,7 +53,7 @@ class _Bucket:
     graph: torch.cuda.CUDAGraph | None = None
 
 
-class GraphStage:
+class GraphStage(BucketGraphs):
     """Bucketed decode forwards of one pipeline stage; see the module docstring."""
 
     def __init__(self, model: Any, cache: KVCache, *, first: bool, hidden_size: int, dtype: torch.dtype,
@@ -130,13 +130,7 @@ class GraphStage:
         rows past the staged ones are padding."""
         self.calls += 1
         if bk.graph is not None:
-            bk.graph.replay()
-            if self.on_replay is not None:
-                self.on_replay()
+            self.replay(bk.graph)
             assert bk.out is not None
             return bk.out, bk.mass
         return self._forward(bk)
-
-    def describe(self) -> dict[str, object]:
-        return {"cuda_graphs": self.mode, "graph_buckets": list(self.buckets), "graphs_captured": self.captures,
-                "graph_capture_s": round(self.capture_s, 3)}
