@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,8 @@ import torch
 from wicore.model.kv_cache import KVCache
 from wicore.model.transformer import to_torch_dtype
 from wicore.report import md_table
-from wicore.runtime.driver import TorchDriver
 from wicore.runtime.gc_freeze import frozen_gc
-from wicore.runtime.profile_overhead import _engine
+from wicore.runtime.profile_overhead import drive_engine
 from wicore.runtime.profiler import (
     ProfileGrid,
     _backend,
@@ -76,12 +74,8 @@ def _engine_steps(run: _Run, batch: int, context: int, reps: int, warmup: int, m
                  run.cuda_graphs)
     be = _backend(sized, 0, 1, 16, mass, run.cuda_graphs)
     counts["engine"] = _count_mass(be)
-    engine, wl = _engine(run.spec, batch, context, reps + warmup + 2, 16)
-    be.t0 = time.perf_counter()
-    TorchDriver(engine, be, wl, be.t0).run()
-    st = engine.recorder.frames()[1]
-    full = st[(st["decode_tokens"] == batch) & (st["prefill_tokens"] == 0)]
-    return full["duration"].tolist()[warmup:warmup + reps]
+    st, full = drive_engine(be, run.spec, batch, context, reps + warmup + 2)
+    return [d for d, f in zip(st["duration"].tolist(), full) if f][warmup:warmup + reps]
 
 
 def probe_point(model_name: str, dtype: str, max_len: int, batch: int, context: int, device: torch.device,

@@ -64,12 +64,13 @@ from wicore.runtime.pipeline_wire import (
 )
 from wicore.runtime.pipeline_worker import (
     StageExecutor,
+    build_rank_stage,
     destroy_group,
     init_dist,
     stop_processes,
     worker_main,
 )
-from wicore.runtime.stage import Stage, build_stage
+from wicore.runtime.stage import Stage
 from wicore.types import OpTiming, Phase, StepPlan, StepResult, add_page_mass
 
 __all__ = ["Fault", "PipelineBackend", "PipelineConfig", "PipelineError", "launch", "pipeline_devices"]
@@ -92,8 +93,7 @@ class PipelineBackend(TorchBackend):
                          measure_attention=cfg.measure_attention, page_tokens=cfg.page_tokens)
         self.cfg, self.stage, self.ctl, self.procs = cfg, stage, ctl, procs
         self.executor = StageExecutor(stage, 0, cfg)
-        if cfg.cuda_graphs:  # the caches' last slot is the stages' scratch slot: never handed out
-            self.free_slots = list(range(cfg.slots - 1, -1, -1))
+        self.free_slots = list(range(cfg.slots - 1, -1, -1))  # not the stage graphs' scratch slot past them
         self.steps = 0
         self.broken: str | None = None
         self.closed = False
@@ -329,10 +329,7 @@ def launch(cfg: PipelineConfig) -> PipelineBackend:
         ctl = init_dist(0, cfg, rendezvous)
         if cfg.fault is not None:
             cfg.fault.trigger(0, 0)
-        stage = build_stage(cfg.spec, 0, cfg.pp, cfg.devices[0], cfg.cache_slots, cfg.max_len,
-                            streamed=cfg.streamed_on(0), seed=cfg.seed, checkpoint=cfg.checkpoint, fill=cfg.fill,
-                            host_format=cfg.host_format, buffers=cfg.stream_buffers, pin=cfg.pin,
-                            schedule="forward" if cfg.cuda_graphs else "cycle")
+        stage = build_rank_stage(cfg, 0)
         _await(conns, procs, "ready", cfg.start_timeout_s)
     except BaseException:
         stop_processes(procs, 0.0)

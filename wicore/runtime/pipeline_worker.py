@@ -41,6 +41,16 @@ from wicore.runtime.pipeline_wire import (
 from wicore.runtime.stage import Stage, build_stage
 
 
+def build_rank_stage(cfg: PipelineConfig, rank: int) -> Stage:
+    """Rank ``rank``'s stage as ``cfg`` describes it (rank 0 builds it in the driver process, the others in their
+    workers): its layers, KV cache (with the graphs' scratch slot), streamed layers (on the graph-safe schedule
+    when the stages decode through CUDA graphs)."""
+    return build_stage(cfg.spec, rank, cfg.pp, cfg.devices[rank], cfg.cache_slots, cfg.max_len,
+                       streamed=cfg.streamed_on(rank), seed=cfg.seed, checkpoint=cfg.checkpoint, fill=cfg.fill,
+                       host_format=cfg.host_format, buffers=cfg.stream_buffers, pin=cfg.pin,
+                       schedule="forward" if cfg.cuda_graphs else "cycle")
+
+
 # ----- one rank's share of a step ------------------------------------------------------------------
 class StageExecutor:
     """Runs this rank's stage on the forwards of a step description (the same code on every rank)."""
@@ -63,11 +73,10 @@ class StageExecutor:
     def _recv_into(self, buf: torch.Tensor) -> torch.Tensor:
         work = dist.irecv(buf, self.rank - 1)
         assert work is not None
-        work.wait()
+        work.wait()  # NCCL: the compute stream waits, not the host; gloo: the host waits (with the timeout)
         return buf
 
     def _recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        # NCCL: the compute stream waits, not the host; gloo: the host waits (with the timeout)
         return self._recv_into(torch.empty(shape, dtype=dtype, device=self.stage.device))
 
     def _send(self, t: torch.Tensor) -> None:
@@ -206,10 +215,7 @@ def worker_main(rank: int, cfg: PipelineConfig, rendezvous: str, conn: Any) -> N
         ctl = init_dist(rank, cfg, rendezvous)
         if cfg.fault is not None:
             cfg.fault.trigger(rank, 0)
-        stage = build_stage(cfg.spec, rank, cfg.pp, cfg.devices[rank], cfg.cache_slots, cfg.max_len,
-                            streamed=cfg.streamed_on(rank), seed=cfg.seed, checkpoint=cfg.checkpoint,
-                            fill=cfg.fill, host_format=cfg.host_format, buffers=cfg.stream_buffers, pin=cfg.pin,
-                            schedule="forward" if cfg.cuda_graphs else "cycle")
+        stage = build_rank_stage(cfg, rank)
         conn.send(("ready", stage.describe()))
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
         status, text = _failure(e)

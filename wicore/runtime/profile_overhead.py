@@ -120,11 +120,12 @@ def measure_step_gaps(model: Transformer, cache: KVCache, batch: int, steps: int
     return measure_gaps_on(backend, model.spec, batch, steps, warmup, prompt_tokens, page_tokens)
 
 
-def _drive(backend: TorchBackend, spec: ModelSpec, batch: int, steps: int, warmup: int, prompt_tokens: int,
-           page_tokens: int) -> tuple[pd.DataFrame, list[bool]]:
-    """The steps frame of the real engine and driver decoding ``batch`` requests of ``prompt_tokens`` for
-    ``steps + warmup + 2`` tokens on ``backend`` (its clock restarts here), and which steps decode all ``batch``."""
-    engine, wl = _engine(spec, batch, prompt_tokens, steps + warmup + 2, page_tokens)
+def drive_engine(backend: Any, spec: ModelSpec, batch: int, prompt_tokens: int, output: int, page_tokens: int = 16,
+                 requests: int | None = None) -> tuple[pd.DataFrame, list[bool]]:
+    """The steps frame of the real engine and driver running ``requests`` (default ``batch``) closed-loop requests,
+    ``batch`` at a time, of ``prompt_tokens`` prompt and ``output`` tokens on ``backend`` (its clock restarts here),
+    and which steps decode all ``batch`` and prefill nothing."""
+    engine, wl = _engine(spec, batch, prompt_tokens, output, page_tokens, requests)
     t0 = backend.t0 = time.perf_counter()
     TorchDriver(engine, backend, wl, t0).run()
     st = engine.recorder.frames()[1]
@@ -141,7 +142,7 @@ def engine_decode_times(backend: TorchBackend, spec: ModelSpec, batches: list[in
     for b in batches:
         for c in contexts:
             prompt = max(1, c - warmup - steps // 2)
-            st, full = _drive(backend, spec, b, steps, warmup, prompt, page_tokens)
+            st, full = drive_engine(backend, spec, b, prompt, steps + warmup + 2, page_tokens)
             out[(b, c)] = [d for d, f in zip(st["duration"].tolist(), full) if f][warmup:warmup + steps]
     return out
 
@@ -154,10 +155,7 @@ def measure_admit_gaps_on(backend: TorchBackend, spec: ModelSpec, batch: int, ro
     ``rounds`` such gaps after ``warmup``. Each request prefills ``prompt_tokens`` and decodes one token more, so
     a round is two steps. The backend must hold no request with an id below ``batch * (rounds + warmup + 1)``
     and have ``batch`` free KV slots; its clock restarts here."""
-    engine, wl = _engine(spec, batch, prompt_tokens, 2, page_tokens, requests=batch * (rounds + warmup + 1))
-    t0 = backend.t0 = time.perf_counter()
-    TorchDriver(engine, backend, wl, t0).run()
-    st = engine.recorder.frames()[1]
+    st, _ = drive_engine(backend, spec, batch, prompt_tokens, 2, page_tokens, requests=batch * (rounds + warmup + 1))
     start, end = st["start"].tolist(), st["end"].tolist()
     admits = ((st["prefill_tokens"] == batch * prompt_tokens) & (st["decode_tokens"] == 0)).tolist()
     gaps = [start[k] - end[k - 1] for k in range(1, len(st)) if admits[k]]
@@ -168,7 +166,7 @@ def measure_gaps_on(backend: TorchBackend, spec: ModelSpec, batch: int, steps: i
                     prompt_tokens: int = 16, page_tokens: int = 16) -> list[float]:
     """``measure_step_gaps`` on a given backend (a ``PipelineBackend`` too), which must hold no request with an
     id below ``batch`` and have ``batch`` free KV slots; its clock restarts here."""
-    st, full = _drive(backend, spec, batch, steps, warmup, prompt_tokens, page_tokens)
+    st, full = drive_engine(backend, spec, batch, prompt_tokens, steps + warmup + 2, page_tokens)
     start, end = st["start"].tolist(), st["end"].tolist()
     gaps = [start[k + 1] - end[k] for k in range(len(st) - 1) if full[k] and full[k + 1]]
     return gaps[warmup:warmup + steps] if len(gaps) > warmup else gaps

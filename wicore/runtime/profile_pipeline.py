@@ -104,7 +104,7 @@ def profile_pipeline(spec: ModelSpec, checkpoint: Path | None, device: torch.dev
                                                          prompt_tokens=16, page_tokens=page_tokens), batch=b)
                 log(f"admit_overhead (pp={pp}): batch {over}")
                 for b in over:
-                    add("admit_overhead", measure_admit_gaps_on(be, spec, b, rounds=max(3, grid.overhead_steps // 5),
+                    add("admit_overhead", measure_admit_gaps_on(be, spec, b, rounds=grid.admit_rounds,
                                                                 prompt_tokens=16, page_tokens=page_tokens), batch=b)
             else:
                 for op, n in prefill_step_ops(grid, slots):

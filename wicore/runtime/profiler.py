@@ -126,6 +126,11 @@ class ProfileGrid:
     reps: int = 20
     warmup: int = 3
 
+    @property
+    def admit_rounds(self) -> int:
+        """``admit_overhead`` gaps per batch: a fifth of ``overhead_steps`` (each takes two steps), at least 3."""
+        return max(3, self.overhead_steps // 5)
+
     @classmethod
     def quick(cls) -> ProfileGrid:
         """A small grid: a CPU run on tiny-gemma3 takes seconds."""
@@ -486,7 +491,7 @@ def profile_composite(run: _Run, max_len: int, page_tokens: int) -> None:
     run.log(f"admit_overhead (real backend): batch {over}")
     be = _backend(run, 0, 1, page_tokens, True, run.cuda_graphs)  # decode and prefill as the run's backend does
     for b in over:
-        run.add("admit_overhead", measure_admit_gaps_on(be, run.spec, b, rounds=max(3, g.overhead_steps // 5),
+        run.add("admit_overhead", measure_admit_gaps_on(be, run.spec, b, rounds=g.admit_rounds,
                                                         prompt_tokens=16, page_tokens=page_tokens), batch=b)
 
 
