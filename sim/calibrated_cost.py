@@ -288,7 +288,8 @@ class CalibratedCostModel(CostModel):
         and how many lookups were exact, interpolated, extrapolated or fell back to the roofline."""
         name, dtype = self.model.name, self.model.dtype
         ops: dict[str, Any] = {}
-        used = [op for op in ("prefill_step", "prefill_step_pair", "prefill_step_many", self.step_op)
+        many = ("prefill_step_many",) if self.many_items else ()  # used only with one item count, past a pair
+        used = [op for op in ("prefill_step", "prefill_step_pair", *many, self.step_op)
                 if self.active and self.table.has(op, name, dtype)]
         overheads = ("step_overhead", "admit_overhead") if self.admit_measured else ("step_overhead",)
         for op in (*used, "prefill_forward", self.decode_op, "sample", *overheads):
