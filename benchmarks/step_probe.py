@@ -51,15 +51,15 @@ DEFAULT_POINTS = ("tiny-gemma3:fp32:512:16:64", "tiny-gemma3:fp32:512:4:64", "ge
 
 
 def _count_mass(be: Any) -> list[int]:
-    """Wrap ``be.execute`` to record, for every all-decode step, how many attention-mass entries (KV pages with
-    mass > 0) it fed back: the host work of the mass readback grows with them."""
+    """Wrap ``be.execute`` to record, for every all-decode step, how many attention-mass entries (KV pages of
+    its rows) it fed back: the host work of the feedback grows with them."""
     counts: list[int] = []
     execute = be.execute
 
     def counted(plan: Any) -> Any:
         res = execute(plan)
         if plan.items and all(it.num_tokens == 1 for it in plan.items):
-            counts.append(len(res.attention_mass))
+            counts.append(sum(len(row) for row in res.attention_mass.values()))
         return res
     be.execute = counted
     return counts

@@ -36,7 +36,7 @@ from sim.hardware import Machine, TransferRecord
 from sim.route_signals import SyntheticSignals
 from sim.routing_cost import RoutedStep, RoutingCost
 from wicore.model.spec import ModelSpec
-from wicore.types import MemoryOp, OpTiming, StepPlan, StepResult, add_page_mass
+from wicore.types import MemoryOp, OpTiming, StepPlan, StepResult
 
 UPLOADS = ("fetch", "prefetch", "swap_in")
 
@@ -136,7 +136,7 @@ class SimBackend:
             if it.num_tokens != 1:
                 continue
             masses = self.attention.masses(it.request_id, it.context_len + 1)
-            add_page_mass(result.attention_mass, (it.request_id,), (masses.tolist(),), keep_zero=True)
+            result.attention_mass[it.request_id] = masses.tolist()
 
     def _stream(self, op: MemoryOp) -> _Stream:
         """The op's arrival profile; cached by identity for ops reused every step (the

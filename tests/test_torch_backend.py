@@ -80,9 +80,6 @@ def test_attention_mass_feedback_is_measured():
     TorchDriver(engine, backend, setup.workload, setup.t0).run()
     assert masses
     for m in masses:
-        per_seq: dict[int, float] = {}
-        for block, value in m.items():
-            assert block.kind == "kv" and value >= 0
-            per_seq[block.seq] = per_seq.get(block.seq, 0.0) + value
-        for total in per_seq.values():  # attention probabilities of one query sum to 1
-            assert abs(total - 1.0) < 1e-4
+        for row in m.values():  # one value per KV page; a query's attention probabilities sum to 1
+            assert row and min(row) >= 0
+            assert abs(sum(row) - 1.0) < 1e-4

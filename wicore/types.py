@@ -83,14 +83,18 @@ class BlockRef:
         return hash(self.key())
 
 
-def add_page_mass(feedback: dict[BlockRef, float], seqs: Iterable[int], rows: Iterable[Iterable[float]],
-                  keep_zero: bool = False) -> None:
-    """Record attention mass per KV page: ``rows[i][page]`` of sequence ``seqs[i]`` under
-    ``BlockRef("kv", -1, seq=..., index=page)`` (pages of zero mass left out unless ``keep_zero``)."""
-    for seq, row in zip(seqs, rows):
-        for page, value in enumerate(row):
-            if keep_zero or value > 0:
-                feedback[BlockRef("kv", -1, seq=seq, index=page)] = value
+def kv_pages(tokens: int, page_tokens: int) -> int:
+    """KV pages that hold ``tokens`` tokens, ``page_tokens`` to a page."""
+    return -(-tokens // page_tokens)
+
+
+def add_page_mass(feedback: dict[int, list[float]], seqs: Iterable[int], rows: Iterable[list[float]],
+                  pages: Iterable[int]) -> None:
+    """Record each sequence's attention mass per KV page: ``feedback[seqs[i]] = rows[i][:pages[i]]``, one value
+    per page that holds its tokens (a row read from a wider buffer, such as a CUDA graph's bucket or a batch
+    padded to its longest context, is cut to the sequence's own pages)."""
+    for seq, row, n in zip(seqs, rows, pages):
+        feedback[seq] = row[:n]
 
 
 @dataclass(slots=True)
@@ -204,7 +208,9 @@ class StepResult:
     ``tokens`` maps request id to the token ids produced (the real runtime);
     the simulator leaves it empty and every ``emits_token`` item counts as one
     token. ``attention_mass`` is the feedback for attention-aware replacement:
-    the fraction of attention probability each KV block received in this step.
+    per decoding request id, the fraction of attention probability each of its
+    KV pages received in this step (list index = page index, one value per page
+    holding its tokens; see ``add_page_mass``).
     ``signals`` is the feedback for a token router (``wicore.routing``): per
     request id, signals measured on the token that request emitted in this step
     (keys ``confidence``, ``entropy``, ``router``, ``attention_peak``, floats in
@@ -223,7 +229,7 @@ class StepResult:
     link_bytes: int = 0
     ops: list[OpTiming] = field(default_factory=list)
     tokens: dict[int, list[int]] = field(default_factory=dict)
-    attention_mass: dict[BlockRef, float] = field(default_factory=dict)
+    attention_mass: dict[int, list[float]] = field(default_factory=dict)
     finished: dict[int, str] = field(default_factory=dict)
     signals: dict[int, dict[str, float]] = field(default_factory=dict)
 

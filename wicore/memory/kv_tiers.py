@@ -125,14 +125,13 @@ class TieredKV:
         return ops
 
     def feedback(self, result: StepResult, now: float) -> None:
-        policy = self.policy
-        for block, mass in result.attention_mass.items():
-            if block.kind != "kv":
-                continue
-            key = (block.seq, block.index)
-            self.last_mass[key] = mass
-            if key in policy:
-                policy.feedback(key, mass, now)
+        policy, last = self.policy, self.last_mass
+        for seq, row in result.attention_mass.items():
+            for page, mass in enumerate(row):
+                key = (seq, page)
+                last[key] = mass
+                if key in policy:
+                    policy.feedback(key, mass, now)
 
     def release(self, seq: int) -> None:
         for p in range(self.pages.pop(seq, 0)):

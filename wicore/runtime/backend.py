@@ -55,7 +55,7 @@ from wicore.runtime.graph_prefill import GraphPrefill
 from wicore.runtime.kv_swap import KVSwapper, SwapStep, swap_names
 from wicore.runtime.mor import MoRRuntime
 from wicore.runtime.signals import measure, to_dicts
-from wicore.types import OpTiming, Phase, Request, StepPlan, StepResult, add_page_mass
+from wicore.types import OpTiming, Phase, Request, StepPlan, StepResult, add_page_mass, kv_pages
 
 
 class TorchBackend:
@@ -297,7 +297,9 @@ class TorchBackend:
                 self.tokens[rid].append(tok)
                 result.tokens[rid] = [tok]
         if mass_t is not None:  # one device-to-host read for every row (graph buffers: padding rows cut off)
-            add_page_mass(result.attention_mass, mass_ids, mass_t[:len(mass_ids)].tolist())
+            page = self.page_tokens
+            add_page_mass(result.attention_mass, mass_ids, mass_t[:len(mass_ids)].tolist(),
+                          [kv_pages(it.context_len + 1, page) for it in dec])
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         end = time.perf_counter() - self.t0

@@ -71,7 +71,7 @@ from wicore.runtime.pipeline_worker import (
     worker_main,
 )
 from wicore.runtime.stage import Stage
-from wicore.types import OpTiming, Phase, StepPlan, StepResult, add_page_mass
+from wicore.types import OpTiming, Phase, StepPlan, StepResult, add_page_mass, kv_pages
 
 __all__ = ["Fault", "PipelineBackend", "PipelineConfig", "PipelineError", "launch", "pipeline_devices"]
 
@@ -171,7 +171,9 @@ class PipelineBackend(TorchBackend):
             result.tokens[rid] = [int(tok)]
         if n_rows:
             mass = values[n_tok:n_tok + n_rows * n_pages]
-            add_page_mass(result.attention_mass, dec, (mass[i * n_pages:(i + 1) * n_pages] for i in range(len(dec))))
+            page = self.cfg.page_tokens
+            add_page_mass(result.attention_mass, dec, (mass[i * n_pages:(i + 1) * n_pages] for i in range(len(dec))),
+                          [kv_pages(it.context_len + 1, page) for it in plan.items if it.phase is Phase.DECODE])
         end = time.perf_counter() - self.t0
         result.end, result.compute_s = end, end - start
         result.ops.append(OpTiming("compute", ",".join(self.cfg.devices), start, end))

@@ -91,7 +91,7 @@ from wicore.runtime.profile_primitives import (
     profile_gemms,
 )
 from wicore.runtime.timing import interleaved, point, time_op
-from wicore.types import BatchItem, BlockRef, Phase, Request, StepPlan, add_page_mass
+from wicore.types import BatchItem, Phase, Request, StepPlan, add_page_mass, kv_pages
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 Log = Callable[[str], None]
@@ -274,8 +274,8 @@ def _decode_fn(run: _Run, b: int, c: int, mass: bool, page_tokens: int,
         out = model(x, pos, cache, slots, return_attention_mass=mass, last_only=True, page_size=page_tokens)
         if isinstance(out, tuple):
             logits, m = out
-            feedback: dict[BlockRef, float] = {}
-            add_page_mass(feedback, rids, m.tolist())
+            feedback: dict[int, list[float]] = {}
+            add_page_mass(feedback, rids, m.tolist(), [kv_pages(c + 1, page_tokens)] * b)
             return logits[:, -1]
         return out[:, -1]
     return fn
