@@ -10,6 +10,7 @@ from experiments.run import run_sim
 from experiments.run_torch import build_torch, run_torch
 from tests.conftest import make_cfg
 from wicore.runtime.driver import TorchDriver
+from wicore.types import Phase, kv_pages
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -64,14 +65,22 @@ def test_continuous_batching_gives_the_tokens_of_running_each_request_alone():
         assert ids == tokens, rid
 
 
-def test_attention_mass_feedback_is_measured():
-    setup = build_torch(make_cfg(*TINY, "backend=torch", "backend.device=cpu", "workload.num_requests=2"))
+@pytest.mark.parametrize("graphs", [False, True])
+def test_attention_mass_feedback_is_measured(graphs):
+    """Every decoding request gets one mass value per KV page it holds (rows read from a batch padded to its
+    longest context, or from a graph bucket's buffers, are cut to the request's own pages)."""
+    setup = build_torch(make_cfg(*TINY, "backend=torch", "backend.device=cpu", "workload.num_requests=3",
+                                 "workload.concurrency=3", f"backend.cuda_graphs={str(graphs).lower()}"))
     masses = []
     engine, backend = setup.engine, setup.backend
     original = backend.execute
 
     def spy(plan):
         res = original(plan)
+        dec = {it.request_id: it.context_len for it in plan.items if it.phase is Phase.DECODE}
+        assert res.attention_mass.keys() == dec.keys()
+        for rid, row in res.attention_mass.items():
+            assert len(row) == kv_pages(dec[rid] + 1, backend.page_tokens), (rid, dec[rid])
         if res.attention_mass:
             masses.append(res.attention_mass)
         return res
@@ -79,7 +88,8 @@ def test_attention_mass_feedback_is_measured():
     backend.execute = spy  # type: ignore[method-assign]
     TorchDriver(engine, backend, setup.workload, setup.t0).run()
     assert masses
+    assert any(len({len(r) for r in m.values()}) > 1 for m in masses)  # rows of different lengths in one step
     for m in masses:
-        for row in m.values():  # one value per KV page; a query's attention probabilities sum to 1
-            assert row and min(row) >= 0
+        for row in m.values():  # a query's attention probabilities sum to 1
+            assert min(row) >= 0
             assert abs(sum(row) - 1.0) < 1e-4
