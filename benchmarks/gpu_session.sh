@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv-engine | pv2 | pv-offload | stream-graphs | probe | pp-validate | pp-graphs | pp-fidelity | decode-bw | tiers | graphs | pp}
+stage=${1:?stage: mor | profile | validate | same-machine | fidelity-profile | fidelity-profile2 | fidelity-profile-stream | fidelity-validate | same-profile | same-validate | pg-profile | pin-check | pg-profile2 | pg-profile-stream | pg-validate | pg-validate-offload | pv | pv-engine | pv2 | pv-offload | stream-graphs | probe | pp-validate | pp-graphs | pp-graphs-validate | pp-fidelity | decode-bw | tiers | graphs | pp}
 R=$OUT/$stage
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/gpus.csv" 2>&1
@@ -293,23 +293,38 @@ PY
     grep -E "^\[|runs ok" "$R/validate_log.txt"; date
     ;;
   pp-graphs)
-    # pp-fidelity with every stage decoding through its CUDA graphs (GraphStage): tables profiled with --cuda-graphs
-    # (named *_pp2_graphs.csv), the pp2 entries run with backend.cuda_graphs=true. Not yet run on a GPU.
-    PP_GRAPHS=--cuda-graphs; PP_NAME=_graphs; PP_TORCH="--torch-extra backend.cuda_graphs=true"
-    ;&
+    # pp-fidelity's tables with every stage decoding through its CUDA graphs (GraphStage), profiled with
+    # --cuda-graphs (named *_pp2_graphs.csv); then pp-graphs-validate on the same lease. On 2 x H200 (lease K)
+    # the pipeline profile of gemma3-1b reached admit_overhead after 200 s and tiny-gemma3's after 100 s, which
+    # stopped both: hence the longer limits here, and the validation in a call of its own.
+    mkdir -p "$R/calibration"
+    for md in gemma3-1b:bf16:330 tiny-gemma3:fp32:180; do
+      IFS=: read -r m d limit <<< "$md"
+      out="$R/calibration/${m}_${d}_pp2_graphs"
+      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda --pp 2 --cuda-graphs \
+        --grid reps=12 --grid rounds=3 --out "$out.csv" > "$out.log.txt" 2>&1
+      tail -1 "$out.log.txt"; date
+    done
+    ;;
+  pp-graphs-validate)
+    # the pp2 entries with stage graphs, each run twice (a pp2 run takes about 45 s, mostly start-up)
+    timeout 560 python3 -m experiments.validate --backends torch --only '*pp2' --out "$R/validation" --repeat \
+      --torch-extra backend.cuda_graphs=true > "$R/validate_log.txt" 2>&1
+    grep -E "^\[|runs ok" "$R/validate_log.txt" | tail -12; date
+    ;;
   pp-fidelity)
     # 2 GPUs: whole pipeline steps for the grid's pp2 entries, then those entries on the real runtime (same lease).
     # On the CPU VM afterwards: validate --backends sim --calibration-2gpu <merged pp2 table> --only '*pp2'
     mkdir -p "$R/calibration"
     for md in gemma3-1b:bf16:200 tiny-gemma3:fp32:100; do
       IFS=: read -r m d limit <<< "$md"
-      out="$R/calibration/${m}_${d}_pp2${PP_NAME:-}"
-      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda --pp 2 ${PP_GRAPHS:-} \
+      out="$R/calibration/${m}_${d}_pp2"
+      timeout $limit python3 -m wicore.cli profile --model $m --dtype $d --device cuda --pp 2 \
         --grid reps=12 --grid rounds=3 --out "$out.csv" > "$out.log.txt" 2>&1
       tail -1 "$out.log.txt"; date
     done
     timeout 200 python3 -m experiments.validate --backends torch --only '*pp2' --out "$R/validation" --repeat \
-      ${PP_TORCH:-} > "$R/validate_log.txt" 2>&1
+      > "$R/validate_log.txt" 2>&1
     grep -E "^\[|runs ok" "$R/validate_log.txt" | tail -12; date
     ;;
   pp)
