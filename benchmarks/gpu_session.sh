@@ -239,11 +239,11 @@ PY
     ENGINE_PGRID="--profile-grid engine_steps=true"
     ;&
   pv)
-    # tables profiled in the validation's own process (--profile), then the selected 1-GPU entries (twice unless
+    # tables profiled in the validation's own process (--profile), then the selected 1-GPU entries (1 + REPEAT times, default 2; once with
     # NO_REPEAT=1). Two calls fit the 10-minute limit: ONLY='tiny-*,1b-c*-short,1b-c*-long,1b-*-static,1b-*-chunked,
     # 1b-c16-mixed-*,*-fp16', then ONLY='*gpu4*' NO_REPEAT=1 PGRID=stream (streamed steps are slow: the smaller
     # grid of profile_streamed). The sim side later on the CPU VM: validate --backends sim --profile --out DIR
-    rep=--repeat; [ "${NO_REPEAT:-}" = 1 ] && rep=""
+    rep="--repeat ${REPEAT:-1}"; [ "${NO_REPEAT:-}" = 1 ] && rep=""
     [ "${PGRID:-}" = stream ] && PGRID=$STREAM_PGRID
     timeout 580 python3 -m experiments.validate --backends torch --skip-2gpu --out "$R/validation" --profile \
       --profile-grid reps=12 --profile-grid rounds=3 ${ENGINE_PGRID:-} ${PGRID:-} $rep ${ONLY:+--only "$ONLY"} \

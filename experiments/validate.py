@@ -3,7 +3,7 @@
     python -m experiments.validate --backends torch,sim --out DIR [--only NAME,...] [--skip-2gpu]
         [--hardware h100] [--hardware-2gpu h100x2] [--calibration CSV] [--calibration-2gpu CSV]
         [--profile [--profile-grid FIELD=VALUES ...]] [--extra OVERRIDE ...] [--torch-extra OVERRIDE ...]
-        [--repeat]
+        [--repeat [N]]
     python -m experiments.validate --report-only DIR
     python -m experiments.validate --combine DIR [DIR ...] --out OUT
 
@@ -14,7 +14,9 @@ time, and on the torch side the probed device and the allocator's peak memory pe
 config that fails writes ``error.txt`` there and the others go on. Then
 ``DIR/fidelity.md`` (+ csv, plots) compares every config that has both runs. With ``--repeat``
 the torch side runs twice (``DIR/<config>/torch_repeat/``) and the report states how far the
-real runtime's second run lands from its first: the noise floor of any comparison.
+real runtime's second run lands from its first: the noise floor of any comparison. ``--repeat N``
+runs it N more times (``torch_repeat``, ``torch_repeat2``, ...); from three runs on, the run of median
+output throughput stands for the real side (``wicore.fidelity.median_of_runs``).
 
 The torch side needs the GPU; the sim side can be re-run later on any machine over the same
 DIR (``--backends sim``): ``--hardware`` names the profile of the GPU machine the torch side
@@ -68,7 +70,7 @@ class Options:
     extra: tuple[str, ...] = ()  # appended to every run on both backends
     warmup: bool = True  # one throw-away torch run first (CUDA context, kernels, allocator)
     torch_extra: tuple[str, ...] = ()  # appended to the torch side only (e.g. backend.cuda_graphs=true)
-    repeat: bool = False  # run the torch side twice (the second into <config>/torch_repeat/): measurement noise
+    repeat: int = 0  # torch runs after the first (<config>/torch_repeat/, torch_repeat2/, ...): measurement noise
     calibration_2gpu: str | None = None  # table of the 2-GPU entries (`wicore profile --pp 2`); None: roofline
     profile: bool = False  # profile each 1-GPU entry's run shape in this process first (validate_profile.py)
     profile_grid: tuple[str, ...] = ()  # FIELD=VALUES overrides of that profile's grid
@@ -378,12 +380,17 @@ def run_grid(entries: list[GridConfig], backends: list[str], out: Path, opts: Op
             for j, b in enumerate(backends):
                 ov, cfg = cfgs[(e.name, b)]
                 k = i * len(backends) + j + 1
-                for folder in (b, "torch_repeat") if b == "torch" and opts.repeat else (b,):
+                for folder in (b, *repeat_folders(opts.repeat)) if b == "torch" else (b,):
                     res = run_one(e, b, cfg, ov, out / e.name / folder, opts)
                     results.append(res)
                     log(f"[{k}/{n}] {e.name} {folder}: {res.status} ({res.wall_s:.1f} s)"
                         + (f": {res.error}" if res.error else ""))
     return results
+
+
+def repeat_folders(n: int) -> list[str]:
+    """The folders of ``n`` repeated torch runs: ``torch_repeat``, ``torch_repeat2``, ..."""
+    return ["torch_repeat" + (str(k + 1) if k else "") for k in range(n)]
 
 
 def profile_entries(entries: list[GridConfig], cfgs: dict[tuple[str, str], tuple[list[str], DictConfig]], out: Path,
@@ -427,7 +434,7 @@ def report(out: Path, sets: list[Path] | None = None) -> Path:
     from wicore.fidelity import fidelity_report, load_sets
 
     roots: list[Path | str] = list(sets or [out])
-    pairs, missing = load_sets(roots)
+    pairs, missing = load_sets(roots, median_run=True)
     repeats, _ = load_sets(roots, real="torch", sim="torch_repeat")
     if sets:
         out.mkdir(parents=True, exist_ok=True)
@@ -459,9 +466,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="Hydra overrides appended to every run on both backends")
     ap.add_argument("--torch-extra", nargs="+", action="extend", default=[], metavar="OVERRIDE",
                     help="Hydra overrides appended to the torch side only (e.g. backend.cuda_graphs=true)")
-    ap.add_argument("--repeat", action="store_true",
-                    help="run the torch side twice (second run in <config>/torch_repeat): the report states the "
-                         "real runtime's own run-to-run differences next to the simulator's error")
+    ap.add_argument("--repeat", type=int, nargs="?", const=1, default=0, metavar="N",
+                    help="run the torch side N more times (default 1: <config>/torch_repeat, then torch_repeat2, "
+                         "...): the report states the real runtime's own run-to-run differences next to the "
+                         "simulator's error; from N=2 on, each config's run of median throughput is its real side")
     ap.add_argument("--grid", type=Path, default=GRID, help=f"grid file (default {GRID.relative_to(ROOT)})")
     ap.add_argument("--no-warmup", action="store_true", help="skip the throw-away torch warm-up run")
     ap.add_argument("--report-only", type=Path, metavar="DIR", help="only (re)write DIR's fidelity report")
@@ -494,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         entries = select(load_grid(args.grid), only, args.skip_2gpu)
         if not entries:
             raise ConfigError("--only / --skip-2gpu: no grid config left to run")
+        if args.repeat < 0:
+            raise ConfigError(f"--repeat: give a number of extra torch runs >= 0, got {args.repeat}")
         if args.profile and args.calibration:
             raise ConfigError("--profile and --calibration: the sim side takes one table per entry; drop one of them")
         if args.profile_grid:

@@ -407,3 +407,41 @@ def test_combined_report_takes_the_configs_of_several_sets(validation_dir, tmp_p
     assert main(["--combine", str(validation_dir)]) == 2
     err = capsys.readouterr().err
     assert "not a directory" in err and "folder of its own" in err and "give --out" in err
+
+
+def test_median_of_three_real_runs_stands_for_the_real_side(validation_dir, tmp_path, capsys):
+    """With three real runs of a config (validate --repeat 2), the one of median output throughput is its real
+    side in the report, so one disturbed run does not move the comparison; the noise rows stay first run vs
+    first repeat; configs with fewer runs keep their first run."""
+    from experiments.validate import repeat_folders
+    from wicore.fidelity import real_folders
+
+    assert repeat_folders(0) == [] and repeat_folders(3) == ["torch_repeat", "torch_repeat2", "torch_repeat3"]
+    out = tmp_path / "v"
+    shutil.copytree(validation_dir, out)
+    cfg = out / "tiny-c4-short"
+    shutil.copytree(cfg / "torch_repeat", cfg / "torch_repeat2")
+    thr = {}
+    for name, scale in (("torch", 0.5), ("torch_repeat", 1.0), ("torch_repeat2", 2.0)):  # first run: slowest
+        path = cfg / name / "summary.json"
+        s = json.loads(path.read_text())
+        s["output_tokens_per_s"] *= scale
+        s["tpot_p50"] = 0.001 * (1 + scale)  # tells the runs apart in the rows
+        thr[name] = s["output_tokens_per_s"]
+        path.write_text(json.dumps(s))
+    assert real_folders(cfg) == ["torch", "torch_repeat", "torch_repeat2"]
+    assert sorted(thr, key=thr.get)[1] == "torch_repeat"
+    assert main(["--report-only", str(out)]) == 0
+    rows = pd.read_csv(out / "fidelity.csv").set_index(["config", "metric"])
+    assert rows.loc[("tiny-c4-short", "tpot_p50"), "real"] == pytest.approx(0.002)  # torch_repeat's
+    assert rows.loc[("tiny-c4-short", "output_tokens_per_s"), "real"] == pytest.approx(thr["torch_repeat"])
+    first = _summary(out / "tiny-c1-short" / "torch")["tpot_p50"]
+    assert rows.loc[("tiny-c1-short", "tpot_p50"), "real"] == pytest.approx(first)  # two runs: the first
+    md = (out / "fidelity.md").read_text()
+    assert "**Real side:** for the 1 of 2 configs whose real runtime ran 3 times" in md
+    assert "tiny-c4-short: `torch_repeat`" in md
+    noise, _ = load_pairs(out, real="torch", sim="torch_repeat")
+    assert {p.config: p.real.path.name for p in noise} == {"tiny-c1-short": "torch", "tiny-c4-short": "torch"}
+    capsys.readouterr()
+    assert main(["--backends", "sim", "--out", str(tmp_path / "x"), "--repeat", "-1"]) == 2
+    assert "--repeat: give a number of extra torch runs >= 0" in capsys.readouterr().err

@@ -6,7 +6,10 @@
 * ``fidelity_stats(rows)``: per metric, median and p90 of ``|rel err|`` and pass / fail
   against the targets (median <= 3 %, p90 <= 8 % for TTFT, TPOT and throughput).
 * ``load_pairs(root)``: the pairs of a validation folder (``root/<config>/{sim,torch}/``);
-  ``load_pairs(root, real="torch", sim="torch_repeat")``: the real run against its repeat.
+  ``load_pairs(root, real="torch", sim="torch_repeat")``: the real run against its repeat;
+  ``load_pairs(root, median_run=True)``: where a config's real side ran three times or more
+  (``torch``, ``torch_repeat``, ``torch_repeat2``, ...: ``validate --repeat N``), the run of median
+  output throughput stands for the real side (``median_run``), so one disturbed run does not move it.
 * ``load_sets([root, ...])``: the pairs of several validation folders as one set (configs that more than
   one holds are named ``<folder>/<config>``);
 * ``fidelity_report(pairs, out_dir)``: ``fidelity.csv``, ``fidelity_summary.csv``,
@@ -26,7 +29,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,27 @@ class Pair:
     config: str
     sim: Run
     real: Run
+    real_runs: int = 1  # real runs the reference was chosen from (``median_run``); 1: the first run alone
+
+
+MEDIAN_OF = 3  # real runs a config needs before its median run stands for the real side
+
+
+def real_folders(config_dir: Path, real: str = "torch") -> list[str]:
+    """The folders of one config's real runs, first run first: ``real``, then ``<real>_repeat``,
+    ``<real>_repeat2``, ... (``validate --repeat N``), those that exist."""
+    rep = re.compile(rf"{re.escape(real)}_repeat\d*")
+    names = sorted((d.name for d in config_dir.iterdir() if d.is_dir() and rep.fullmatch(d.name)), key=natural_key)
+    return [n for n in [real, *names] if (config_dir / n).is_dir()]
+
+
+def median_of_runs(runs: list[Run]) -> Run:
+    """The run of median output throughput (the lower middle of an even count) where there are at least
+    ``MEDIAN_OF``; else the first."""
+    if len(runs) < MEDIAN_OF:
+        return runs[0]
+    ranked = sorted(runs, key=lambda r: r.metric("output_tokens_per_s"))
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _hardware(run: Run) -> str:
@@ -173,9 +198,11 @@ def group_stats(pairs: list[Pair], rows: pd.DataFrame, metrics: tuple[str, ...] 
     return pd.DataFrame(out)
 
 
-def load_pairs(root: Path | str, real: str = "torch", sim: str = "sim") -> tuple[list[Pair], dict[str, str]]:
+def load_pairs(root: Path | str, real: str = "torch", sim: str = "sim",
+               median_run: bool = False) -> tuple[list[Pair], dict[str, str]]:
     """Pairs of ``root/<config>/<sim>/`` and ``root/<config>/<real>/`` where both runs are ok,
-    and for every other config folder the reason it has no pair."""
+    and for every other config folder the reason it has no pair. ``median_run``: where the config's real
+    side ran ``MEDIAN_OF`` times or more and every run is ok, the one of median throughput is the real side."""
     root = Path(root)
     pairs: list[Pair] = []
     missing: dict[str, str] = {}
@@ -196,16 +223,33 @@ def load_pairs(root: Path | str, real: str = "torch", sim: str = "sim") -> tuple
                 why.append(f"{side}: {run.error}")
         s, r = runs[sim], runs[real]
         if s is not None and r is not None and not why:
-            pairs.append(Pair(d.name, s, r))
+            reals = _real_runs(d, real) if median_run else [r]
+            pairs.append(Pair(d.name, s, median_of_runs(reals), len(reals)) if len(reals) >= MEDIAN_OF
+                         else Pair(d.name, s, r))
         else:
             missing[d.name] = "; ".join(why)
     return pairs, missing
 
 
-def load_sets(roots: list[Path | str], real: str = "torch", sim: str = "sim") -> tuple[list[Pair], dict[str, str]]:
+def _real_runs(config_dir: Path, real: str) -> list[Run]:
+    """Every real run of one config, first run first; only the first where any of them is missing or failed."""
+    runs: list[Run] = []
+    for name in real_folders(config_dir, real):
+        try:
+            run = load_run(config_dir / name)
+        except FileNotFoundError:
+            run = None
+        if run is None or not run.ok:
+            return runs[:1] or [load_run(config_dir / real)]
+        runs.append(run)
+    return runs
+
+
+def load_sets(roots: list[Path | str], real: str = "torch", sim: str = "sim",
+              median_run: bool = False) -> tuple[list[Pair], dict[str, str]]:
     """``load_pairs`` over several validation folders (sets run on different machines or commits), as one
     list: a config that more than one folder holds is named ``<folder>/<config>`` in each."""
-    loaded = [(Path(r), *load_pairs(r, real, sim)) for r in roots]
+    loaded = [(Path(r), *load_pairs(r, real, sim, median_run)) for r in roots]
     seen: dict[str, int] = {}
     for _, pairs, missing in loaded:
         for name in {p.config for p in pairs} | set(missing):
@@ -215,7 +259,7 @@ def load_sets(roots: list[Path | str], real: str = "torch", sim: str = "sim") ->
     for root, pairs, missing in loaded:
         def named(c: str, root: Path = root) -> str:
             return f"{root.name}/{c}" if seen[c] > 1 else c
-        pairs_out += [Pair(named(p.config), p.sim, p.real) for p in pairs]
+        pairs_out += [replace(p, config=named(p.config)) for p in pairs]
         missing_out.update({named(c): why for c, why in missing.items()})
     return pairs_out, missing_out
 

@@ -231,6 +231,19 @@ def _spread(spread: pd.DataFrame) -> list[str]:
     return md
 
 
+def _reference(pairs: list[Pair]) -> list[str]:
+    """Which real run stands for each config: where it ran three times or more, the median one."""
+    many = [p for p in pairs if p.real_runs > 1]
+    if not many:
+        return []
+    counts = sorted({p.real_runs for p in many})
+    chosen = ", ".join(f"{p.config}: `{p.real.path.name}`" for p in many)
+    return [f"**Real side:** for the {len(many)} of {len(pairs)} configs whose real runtime ran "
+            f"{' or '.join(map(str, counts))} times, the run of median output throughput ({chosen}); for the "
+            "others, their first run. One disturbed run does not move a median of three; the noise section "
+            "below still compares the first run with its first repeat.", ""]
+
+
 def write_markdown(pairs: list[Pair], rows: pd.DataFrame, stats: pd.DataFrame, dec: pd.DataFrame,
                    costs: pd.DataFrame, missing: dict[str, str], noise: pd.DataFrame | None = None,
                    spread: pd.DataFrame | None = None, groups: pd.DataFrame | None = None) -> str:
@@ -241,6 +254,7 @@ def write_markdown(pairs: list[Pair], rows: pd.DataFrame, stats: pd.DataFrame, d
           f"Simulated hardware: {', '.join(sim_hw) or '–'}. Real device: {', '.join(real_hw) or '–'}. "
           "Relative error = (sim - real) / real. All rows: [fidelity.csv](fidelity.csv); statistics: "
           "[fidelity_summary.csv](fidelity_summary.csv).", ""]
+    md += _reference(pairs)
     md += _targets(stats)
     md += _late_starts(pairs)
     if groups is not None and len(groups):
