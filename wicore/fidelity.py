@@ -238,9 +238,9 @@ def _real_runs(config_dir: Path, real: str) -> list[Run]:
         try:
             run = load_run(config_dir / name)
         except FileNotFoundError:
-            run = None
-        if run is None or not run.ok:
-            return runs[:1] or [load_run(config_dir / real)]
+            return runs[:1]
+        if not run.ok:
+            return runs[:1]
         runs.append(run)
     return runs
 
