@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import multiprocessing
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -182,9 +183,14 @@ def small(**kw: object) -> PipelineConfig:
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "stage-graphs"])
-def test_pp2_gives_the_tokens_and_attention_mass_of_one_device(graphs):
+def test_pp2_gives_the_tokens_and_attention_mass_of_one_device(graphs, monkeypatch):
     """With ``cuda_graphs`` each stage decodes through GraphStage's padded static buffers (eagerly on the CPU:
-    3 decode rows run as a bucket of 4 whose padding row writes the stages' scratch slot)."""
+    3 decode rows run as a bucket of 4 whose padding row writes the stages' scratch slot). Closing leaves the
+    process group before waiting for the stopped ranks (NCCL's destroy is collective: they wait in theirs)."""
+    calls: list[str] = []
+    leave, stop = pipeline.leave_group_within, pipeline.stop_processes
+    monkeypatch.setattr(pipeline, "leave_group_within", lambda t: calls.append("leave") or leave(t))
+    monkeypatch.setattr(pipeline, "stop_processes", lambda p, g: calls.append(f"stop {g:g}") or stop(p, g))
     with pipeline.launch(small(cuda_graphs=graphs)) as pipe:
         assert [s["layers"] for s in pipe.stage_stats()] == ["0-2", "3-5"]
         # the run's warm-up (greedy throw-away requests) leaves the last rank's sampling generator as it was
@@ -209,8 +215,25 @@ def test_pp2_gives_the_tokens_and_attention_mass_of_one_device(graphs):
         assert d["cuda_graphs"] == ("eager" if graphs else "off")
         if graphs:
             assert all(s["graph_buckets"] == [1, 2, 4] for s in d["stages"])
+    assert calls == ["leave", "stop 30"] and not dist.is_initialized()
     with pytest.raises(PipelineError, match="closed"):
         pipe.execute(StepPlan(99, 0, 0.0, [BatchItem(0, Phase.DECODE, 1, 0, True)]))
+
+
+def test_leaving_the_group_is_waited_for_a_bounded_time(monkeypatch):
+    """A destroy that does not return (NCCL waiting for a rank that never calls its own) is left to its thread
+    after the timeout; the caller then stops the ranks instead of hanging."""
+    from wicore.runtime import pipeline_worker
+
+    release = threading.Event()
+    monkeypatch.setattr(pipeline_worker.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(pipeline_worker, "destroy_group", lambda abort: release.wait(10.0))
+    t0 = time.monotonic()
+    assert pipeline_worker.leave_group_within(0.2) is False
+    assert time.monotonic() - t0 < 5.0
+    release.set()
+    monkeypatch.setattr(pipeline_worker, "destroy_group", lambda abort: None)
+    assert pipeline_worker.leave_group_within(5.0) is True
 
 
 def budget_per_gpu(spec: ModelSpec, resident: int, buffers: int) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -279,6 +280,18 @@ def destroy_group(abort: bool) -> None:
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def leave_group_within(timeout_s: float) -> bool:
+    """``destroy_group(abort=False)`` in a helper thread, waited for at most ``timeout_s``: True when it
+    finished (or there was no group). False leaves it running (a daemon thread) for a caller that then
+    stops the other ranks instead; the group must not be destroyed again meanwhile."""
+    if not dist.is_initialized():
+        return True
+    t = threading.Thread(target=destroy_group, args=(False,), name="wicore-pp-leave", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return not t.is_alive()
 
 
 def stop_processes(procs: list[Any], grace_s: float) -> None:
