@@ -266,9 +266,9 @@ class PipelineBackend(TorchBackend):
                     self.ctl.wait(self.ctl.send(r, stop))
                 grace = 30.0
             if grace > 1.0:
-                # NCCL's destroy_process_group is collective (ncclCommFinalize + ncclCommDestroy since torch
-                # 2.6): the stopped workers wait in theirs for this rank's, so it runs before waiting for them
-                # (after their grace period, every pp run on 2 x H200 took about 30 s more to close)
+                # NCCL's destroy_process_group is collective in recent torch releases (ncclCommFinalize +
+                # ncclCommDestroy): the stopped workers wait in theirs for this rank's, so it runs before waiting
+                # for them (run after, the workers sat in theirs until the grace period ran out)
                 left = leave_group_within(grace)
         stop_processes(self.procs, grace)
         if self.stage.streamer is not None:
