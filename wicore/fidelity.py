@@ -92,7 +92,7 @@ def real_folders(config_dir: Path, real: str = "torch") -> list[str]:
     ``<real>_repeat2``, ... (``validate --repeat N``), those that exist."""
     rep = re.compile(rf"{re.escape(real)}_repeat\d*")
     names = sorted((d.name for d in config_dir.iterdir() if d.is_dir() and rep.fullmatch(d.name)), key=natural_key)
-    return [n for n in [real, *names] if (config_dir / n).is_dir()]
+    return ([real] if (config_dir / real).is_dir() else []) + names
 
 
 def median_of_runs(runs: list[Run]) -> Run:
@@ -223,7 +223,7 @@ def load_pairs(root: Path | str, real: str = "torch", sim: str = "sim",
                 why.append(f"{side}: {run.error}")
         s, r = runs[sim], runs[real]
         if s is not None and r is not None and not why:
-            reals = _real_runs(d, real) if median_run else [r]
+            reals = _real_runs(d, real, r) if median_run else [r]
             pairs.append(Pair(d.name, s, median_of_runs(reals), len(reals)) if len(reals) >= MEDIAN_OF
                          else Pair(d.name, s, r))
         else:
@@ -231,10 +231,11 @@ def load_pairs(root: Path | str, real: str = "torch", sim: str = "sim",
     return pairs, missing
 
 
-def _real_runs(config_dir: Path, real: str) -> list[Run]:
-    """Every real run of one config, first run first; only the first where any of them is missing or failed."""
-    runs: list[Run] = []
-    for name in real_folders(config_dir, real):
+def _real_runs(config_dir: Path, real: str, first: Run) -> list[Run]:
+    """Every real run of one config, ``first`` (already loaded) first; only it where a repeat is missing or
+    failed."""
+    runs = [first]
+    for name in real_folders(config_dir, real)[1:]:
         try:
             run = load_run(config_dir / name)
         except FileNotFoundError:

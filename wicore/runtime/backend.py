@@ -201,8 +201,7 @@ class TorchBackend:
         dev = self.device
         last_logits: list[torch.Tensor] = []
         emit_ids: list[int] = []
-        mass_ids: list[int] = []  # decode rows whose attention mass per page comes back (rows of mass_t)
-        mass_t: torch.Tensor | None = None
+        mass_t: torch.Tensor | None = None  # attention mass per page of the decode rows (``dec``, in order)
         mor = self.mor
         hiddens: list[torch.Tensor] = []  # with routing: final-normed hidden of every emitting row
         masses: list[torch.Tensor | None] = []  # with routing: attention mass rows (None: not measured)
@@ -251,7 +250,7 @@ class TorchBackend:
             hiddens.append(hidden)
             masses.append(mass)
             if mass is not None:
-                mass_ids, mass_t = rids, mass
+                mass_t = mass
             emit_ids += rids
         elif dec and self.graph is not None and self.graph.measure_attention == self.measure_attention:
             rids = [it.request_id for it in dec]
@@ -259,7 +258,7 @@ class TorchBackend:
                                               [it.context_len for it in dec], [self._slot(r) for r in rids])
             last_logits.append(g_logits[:len(dec)])  # padding rows dropped
             if g_mass is not None:
-                mass_ids, mass_t = rids, g_mass
+                mass_t = g_mass
             emit_ids += rids
         elif dec:
             x = torch.tensor([[self.tokens[it.request_id][it.context_len]] for it in dec], device=dev)
@@ -272,10 +271,9 @@ class TorchBackend:
                 hiddens.append(out.hidden[:, -1])
                 masses.append(out.mass)
                 if out.mass is not None:
-                    mass_ids, mass_t = [it.request_id for it in dec], out.mass
+                    mass_t = out.mass
             elif isinstance(out, tuple):
                 logits, mass_t = out
-                mass_ids = [it.request_id for it in dec]
             else:
                 logits = out
             last_logits.append(logits[:, -1])
@@ -298,7 +296,7 @@ class TorchBackend:
                 result.tokens[rid] = [tok]
         if mass_t is not None:  # one device-to-host read for every row (graph buffers: padding rows cut off)
             page = self.page_tokens
-            add_page_mass(result.attention_mass, mass_ids, mass_t[:len(mass_ids)].tolist(),
+            add_page_mass(result.attention_mass, [it.request_id for it in dec], mass_t[:len(dec)].tolist(),
                           [kv_pages(it.context_len + 1, page) for it in dec])
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -72,7 +72,7 @@ from wicore.runtime.pipeline_worker import (
     worker_main,
 )
 from wicore.runtime.stage import Stage
-from wicore.types import OpTiming, Phase, StepPlan, StepResult, add_page_mass, kv_pages
+from wicore.types import BatchItem, OpTiming, Phase, StepPlan, StepResult, add_page_mass, kv_pages
 
 __all__ = ["Fault", "PipelineBackend", "PipelineConfig", "PipelineError", "launch", "pipeline_devices"]
 
@@ -125,11 +125,11 @@ class PipelineBackend(TorchBackend):
             self.broken = "interrupted during a step"
             raise
 
-    def _describe_step(self, plan: StepPlan) -> tuple[StepDescription, list[int], list[int]]:
+    def _describe_step(self, plan: StepPlan) -> tuple[StepDescription, list[int], list[BatchItem]]:
         rows: list[list[int]] = []
         ids: list[int] = []
         emit: list[int] = []
-        dec: list[int] = []
+        dec: list[BatchItem] = []
         for it in plan.items:
             if it.phase is not Phase.PREFILL:
                 continue
@@ -145,7 +145,7 @@ class PipelineBackend(TorchBackend):
                 rows.append([rid, 1, it.context_len, 1, 1, self._slot(rid), 0])
                 ids.append(self.tokens[rid][it.context_len])
                 emit.append(rid)
-                dec.append(rid)
+                dec.append(it)
         sampling = [(float((self.requests[r].sampling or {}).get("temperature", 0.0)),
                      float((self.requests[r].sampling or {}).get("top_k", 0)),
                      float((self.requests[r].sampling or {}).get("top_p", 1.0))) for r in emit]
@@ -173,8 +173,9 @@ class PipelineBackend(TorchBackend):
         if n_rows:
             mass = values[n_tok:n_tok + n_rows * n_pages]
             page = self.cfg.page_tokens
-            add_page_mass(result.attention_mass, dec, (mass[i * n_pages:(i + 1) * n_pages] for i in range(len(dec))),
-                          [kv_pages(it.context_len + 1, page) for it in plan.items if it.phase is Phase.DECODE])
+            add_page_mass(result.attention_mass, [it.request_id for it in dec],
+                          (mass[i * n_pages:(i + 1) * n_pages] for i in range(len(dec))),
+                          [kv_pages(it.context_len + 1, page) for it in dec])
         end = time.perf_counter() - self.t0
         result.end, result.compute_s = end, end - start
         result.ops.append(OpTiming("compute", ",".join(self.cfg.devices), start, end))
